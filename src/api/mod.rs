@@ -1,0 +1,410 @@
+//! The HTTP surface of `istream serve`: the `/api/v1` the CLI uses (documented by
+//! `/api/v1/openapi.json`), registry hooks under `/hooks/`, and `/healthz`, `/readyz`,
+//! `/metrics`. Handlers translate HTTP to core calls and core errors to status codes; they
+//! never touch the store's write side.
+
+pub mod auth;
+mod openapi;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::config::{Config, Verb};
+use crate::core::view::{self, TagView};
+use crate::core::{CoreError, Engine, ImportRequest, Outcome, SourceKind, TagRequest};
+use crate::model::{StreamImageRef, StreamName, StreamTagRef};
+use crate::scheduler::SchedulerHandle;
+use crate::trigger::Triggers;
+use auth::Caller;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub config: Arc<Config>,
+    pub scheduler: SchedulerHandle,
+    pub triggers: Arc<Triggers>,
+    pub ready: Arc<AtomicBool>,
+    pub hooks: Arc<crate::hooks::HookState>,
+}
+
+/// An API error: status and a one-line message naming the thing at fault.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let status = match &e {
+            CoreError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            CoreError::Conflict(_) => StatusCode::CONFLICT,
+            CoreError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "request failed");
+        }
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<crate::model::RefError> for ApiError {
+    fn from(e: crate::model::RefError) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.server.max_body_bytes;
+    let api = Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/namespaces/{ns}/imagestreams", get(list_streams))
+        .route("/api/v1/namespaces/{ns}/imagestreams/{name}", get(get_stream).delete(delete_stream))
+        .route("/api/v1/namespaces/{ns}/imagestreamtags", get(list_tags))
+        .route("/api/v1/namespaces/{ns}/imagestreamtags/{istag}", get(get_tag).delete(delete_tag))
+        .route("/api/v1/namespaces/{ns}/imagestreamimages/{isimage}", get(get_image))
+        .route("/api/v1/namespaces/{ns}/import", post(import))
+        .route("/api/v1/namespaces/{ns}/tag", post(tag))
+        .route("/api/v1/triggers", get(list_triggers))
+        .route("/api/v1/triggers/{name}", get(get_trigger))
+        .route("/api/v1/triggers/{name}/retry", post(retry_trigger))
+        .route("/api/v1/watch", get(watch))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/hooks/{source}", post(crate::hooks::handle))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(max_body))
+        .with_state(state)
+}
+
+/// Serves until `cancel` fires, then drains in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    cancel: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.ready.load(Ordering::Relaxed) {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    }
+}
+
+async fn metrics() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi::DOCUMENT,
+    )
+        .into_response()
+}
+
+fn ns_name(ns: &str) -> ApiResult<String> {
+    StreamName::new(ns, "x")?;
+    Ok(ns.to_string())
+}
+
+impl AppState {
+    fn sched(&self) -> impl Fn(&str) -> Option<view::Schedule> + '_ {
+        |k| self.scheduler.info(k)
+    }
+}
+
+async fn list_streams(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>) -> ApiResult<Json<Vec<view::StreamView>>> {
+    let ns = ns_name(&ns)?;
+    caller.allow(&ns, Verb::Read)?;
+    let streams = s.engine.store.list(Some(&ns)).await.map_err(CoreError::from)?;
+    Ok(Json(streams.iter().map(|x| view::stream_view(x, s.sched())).collect()))
+}
+
+async fn get_stream(State(s): State<AppState>, caller: Caller, Path((ns, name)): Path<(String, String)>) -> ApiResult<Json<view::StreamView>> {
+    let n = StreamName::new(&ns, &name)?;
+    caller.allow(&ns, Verb::Read)?;
+    let stream = s.engine.get_stream(&n).await?;
+    Ok(Json(view::stream_view(&stream, s.sched())))
+}
+
+async fn delete_stream(State(s): State<AppState>, caller: Caller, Path((ns, name)): Path<(String, String)>) -> ApiResult<StatusCode> {
+    let n = StreamName::new(&ns, &name)?;
+    caller.allow(&ns, Verb::Tag)?;
+    s.engine.delete_stream(&n).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_tags(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>) -> ApiResult<Json<Vec<TagView>>> {
+    let ns = ns_name(&ns)?;
+    caller.allow(&ns, Verb::Read)?;
+    let streams = s.engine.store.list(Some(&ns)).await.map_err(CoreError::from)?;
+    Ok(Json(streams.iter().flat_map(|x| view::stream_view(x, s.sched()).tags).collect()))
+}
+
+async fn get_tag(State(s): State<AppState>, caller: Caller, Path((ns, istag)): Path<(String, String)>) -> ApiResult<Json<TagView>> {
+    let t = StreamTagRef::parse(&istag, &ns)?;
+    caller.allow(&t.stream.namespace, Verb::Read)?;
+    Ok(Json(tag_view(&s, &t).await?))
+}
+
+async fn tag_view(s: &AppState, t: &StreamTagRef) -> ApiResult<TagView> {
+    let stream = s.engine.get_stream(&t.stream).await.map_err(|e| match e {
+        CoreError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, format!("stream tag {t} not found: image stream {} does not exist", t.stream)),
+        e => e.into(),
+    })?;
+    view::tag_view(&stream, &t.tag, s.scheduler.info(&t.to_string()))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("stream tag {t} not found")))
+}
+
+async fn delete_tag(State(s): State<AppState>, caller: Caller, Path((ns, istag)): Path<(String, String)>) -> ApiResult<StatusCode> {
+    let t = StreamTagRef::parse(&istag, &ns)?;
+    caller.allow(&t.stream.namespace, Verb::Tag)?;
+    s.engine.delete_tags(&ns, &[istag]).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+struct ImageView {
+    namespace: String,
+    stream: String,
+    digest: String,
+    image: String,
+    created: chrono::DateTime<chrono::Utc>,
+    media_type: Option<String>,
+    platforms: Vec<String>,
+    /// Tags whose history holds this image, current first.
+    tags: Vec<ImageTagRef>,
+}
+
+#[derive(Serialize)]
+struct ImageTagRef {
+    tag: String,
+    current: bool,
+}
+
+async fn get_image(State(s): State<AppState>, caller: Caller, Path((ns, isimage)): Path<(String, String)>) -> ApiResult<Json<ImageView>> {
+    let r = StreamImageRef::parse(&isimage, &ns)?;
+    caller.allow(&r.stream.namespace, Verb::Read)?;
+    let stream = s.engine.get_stream(&r.stream).await?;
+    let e = stream.find_image(&r.digest_prefix).map_err(|m| ApiError(StatusCode::NOT_FOUND, m))?;
+    let mut tags = Vec::new();
+    for (name, t) in &stream.tags {
+        if let Some(pos) = t.history.iter().position(|h| h.digest == e.digest) {
+            tags.push(ImageTagRef { tag: name.clone(), current: pos == 0 });
+        }
+    }
+    Ok(Json(ImageView {
+        namespace: stream.namespace.clone(),
+        stream: stream.name.clone(),
+        digest: e.digest.to_string(),
+        image: e.image.clone(),
+        created: e.created,
+        media_type: e.media_type.clone(),
+        platforms: e.platforms.clone(),
+        tags,
+    }))
+}
+
+/// Body of `POST /api/v1/namespaces/{ns}/import`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportBody {
+    pub name: String,
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub confirm: bool,
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub scheduled: bool,
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+/// The result of one tag's import or tagging.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResultView {
+    pub tag: String,
+    /// `Success` or `Failure`.
+    pub status: String,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    pub view: Option<TagView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OperationView {
+    pub results: Vec<ResultView>,
+}
+
+async fn results(s: &AppState, outcomes: Vec<Outcome>) -> ApiResult<Json<OperationView>> {
+    let mut results = Vec::new();
+    for o in outcomes {
+        let view = tag_view(s, &o.tag).await.ok();
+        results.push(ResultView {
+            tag: o.tag.to_string(),
+            status: if o.error.is_none() { "Success" } else { "Failure" }.into(),
+            reason: o.error.as_ref().map(|e| e.reason().to_string()),
+            message: o.error.as_ref().map(|e| e.to_string()),
+            view,
+        });
+    }
+    Ok(Json(OperationView { results }))
+}
+
+async fn import(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>, body: Result<Json<ImportBody>, axum::extract::rejection::JsonRejection>) -> ApiResult<Json<OperationView>> {
+    let Json(b) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("import request body: {}", e.body_text())))?;
+    let ns = ns_name(&ns)?;
+    let t = StreamTagRef::parse(&b.name, &ns)?;
+    caller.allow(&t.stream.namespace, Verb::Import)?;
+    let req = ImportRequest {
+        name: b.name,
+        namespace: ns,
+        from: b.from,
+        confirm: b.confirm,
+        all: b.all,
+        scheduled: b.scheduled,
+        insecure: b.insecure,
+        platform: b.platform,
+    };
+    let outcomes = s.engine.import_image(&req).await?;
+    results(&s, outcomes).await
+}
+
+/// Body of `POST /api/v1/namespaces/{ns}/tag`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagBody {
+    pub source: String,
+    #[serde(default)]
+    pub source_kind: Option<SourceKind>,
+    pub dests: Vec<String>,
+    #[serde(default)]
+    pub alias: bool,
+    #[serde(default)]
+    pub scheduled: bool,
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+async fn tag(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>, body: Result<Json<TagBody>, axum::extract::rejection::JsonRejection>) -> ApiResult<Json<OperationView>> {
+    let Json(b) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("tag request body: {}", e.body_text())))?;
+    let ns = ns_name(&ns)?;
+    let kind = b.source_kind.unwrap_or_else(|| crate::core::infer_source_kind(&b.source));
+    match kind {
+        SourceKind::Istag => caller.allow(&StreamTagRef::parse(&b.source, &ns)?.stream.namespace, Verb::Read)?,
+        SourceKind::Isimage => caller.allow(&StreamImageRef::parse(&b.source, &ns)?.stream.namespace, Verb::Read)?,
+        SourceKind::Docker => {}
+    }
+    for d in &b.dests {
+        let t = StreamTagRef::parse(d, &ns)?;
+        caller.allow(&t.stream.namespace, Verb::Tag)?;
+        if kind == SourceKind::Docker {
+            caller.allow(&t.stream.namespace, Verb::Import)?;
+        }
+    }
+    let req = TagRequest {
+        namespace: ns,
+        source: b.source,
+        source_kind: Some(kind),
+        dests: b.dests,
+        alias: b.alias,
+        scheduled: b.scheduled,
+        insecure: b.insecure,
+        platform: b.platform,
+    };
+    let outcomes = s.engine.tag(&req).await?;
+    results(&s, outcomes).await
+}
+
+async fn list_triggers(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<crate::trigger::TriggerView>>> {
+    caller.allow("*", Verb::Read)?;
+    Ok(Json(s.triggers.views(None).await.map_err(CoreError::from)?))
+}
+
+async fn get_trigger(State(s): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<crate::trigger::TriggerView>> {
+    caller.allow("*", Verb::Read)?;
+    let mut v = s.triggers.views(Some(&name)).await.map_err(CoreError::from)?;
+    v.pop().map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("trigger {name} not found")))
+}
+
+async fn retry_trigger(State(s): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    caller.allow("*", Verb::Admin)?;
+    let n = s.triggers.retry(&name).await?;
+    Ok(Json(serde_json::json!({ "trigger": name, "requeued": n })))
+}
+
+#[derive(Deserialize)]
+struct WatchQuery {
+    namespace: Option<String>,
+    stream: Option<String>,
+    tag: Option<String>,
+}
+
+async fn watch(State(s): State<AppState>, caller: Caller, Query(q): Query<WatchQuery>) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let ns = q.namespace.clone().unwrap_or_else(|| "default".into());
+    caller.allow(&ns, Verb::Read)?;
+    let rx = s.engine.events.subscribe();
+    let stream = BroadcastStream::new(rx).filter_map(move |e| {
+        let e = e.ok()?;
+        if e.data.namespace != ns
+            || q.stream.as_ref().is_some_and(|x| *x != e.data.stream)
+            || q.tag.as_ref().is_some_and(|x| *x != e.data.tag)
+        {
+            return None;
+        }
+        let json = serde_json::to_string(&e).ok()?;
+        Some(Ok(SseEvent::default().event(e.kind.clone()).id(e.id.clone()).data(json)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Whether a peer address is loopback, for the no-token default.
+pub fn is_loopback(addr: &ConnectInfo<SocketAddr>) -> bool {
+    addr.0.ip().is_loopback()
+}
+
+pub fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}

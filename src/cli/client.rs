@@ -1,0 +1,85 @@
+//! The CLI's HTTP client of the engine: JSON in and out, the engine's error message passed
+//! through, and an unreachable engine explained (address tried, how to start one).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug)]
+pub enum CliError {
+    /// Bad usage: exit 2.
+    Usage(String),
+    /// The operation failed: exit 1.
+    Failed(String),
+}
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(server: &str, token: Option<&str>) -> Result<Client, CliError> {
+        crate::registry::install_crypto();
+        let base = server.trim_end_matches('/').to_string();
+        let u = reqwest::Url::parse(&base).map_err(|e| CliError::Usage(format!("--server {server}: {e}")))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(CliError::Usage(format!("--server {server}: must be an http(s) URL")));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+        Ok(Client { base, http, token: token.filter(|t| !t.is_empty()).map(str::to_string) })
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> CliError {
+        CliError::Failed(format!(
+            "cannot reach the istream engine at {} ({}); start it with `istream serve` or point --server / ISTREAM_SERVER at it",
+            self.base,
+            crate::registry::describe_reqwest(e)
+        ))
+    }
+
+    async fn finish(&self, resp: Result<reqwest::Response, reqwest::Error>) -> Result<reqwest::Response, CliError> {
+        let resp = resp.map_err(|e| self.unreachable(&e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("engine answered HTTP {}", status.as_u16()));
+        // Arguments were checked locally; what the engine refuses is a failed operation.
+        Err(CliError::Failed(msg))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let resp = self.finish(self.req(reqwest::Method::GET, path).send().await).await?;
+        resp.json().await.map_err(|e| CliError::Failed(format!("unreadable answer from the engine: {e}")))
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, CliError> {
+        let resp = self.finish(self.req(reqwest::Method::POST, path).json(body).send().await).await?;
+        resp.json().await.map_err(|e| CliError::Failed(format!("unreadable answer from the engine: {e}")))
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<(), CliError> {
+        self.finish(self.req(reqwest::Method::DELETE, path).send().await).await.map(|_| ())
+    }
+
+    /// Opens a server-sent event stream.
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
+        self.finish(self.req(reqwest::Method::GET, path).header("accept", "text/event-stream").send().await).await
+    }
+}

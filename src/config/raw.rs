@@ -1,0 +1,238 @@
+//! The file as written: serde types that reject unknown keys. Every field is documented in
+//! `docs/config.md`; `tests::reference_documents_every_key` keeps the two in step.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Raw {
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub store: Store,
+    pub nats: Option<Nats>,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub hooks: Hooks,
+    #[serde(default)]
+    pub api: Api,
+    #[serde(default)]
+    pub registry: Vec<Registry>,
+    #[serde(default)]
+    pub stream: Vec<Stream>,
+    #[serde(default)]
+    pub trigger: Vec<Trigger>,
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+impl Raw {
+    pub fn deserialize_value(v: toml::Value) -> Result<Raw, toml::de::Error> {
+        v.try_into()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub listen: Option<String>,
+    pub allow_unauthenticated: Option<bool>,
+    pub max_body_bytes: Option<usize>,
+    pub instance: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    pub kind: Option<String>,
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nats {
+    pub url: Option<String>,
+    pub subject_prefix: Option<String>,
+    pub jetstream: Option<bool>,
+    pub stream: Option<String>,
+    pub max_age: Option<String>,
+    pub replicas: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    pub interval: Option<String>,
+    pub max_import_all: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSource {
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub max_concurrency: Option<usize>,
+    pub registry: Option<HookSource>,
+    pub dockerhub: Option<HookSource>,
+    pub harbor: Option<HookSource>,
+    pub quay: Option<HookSource>,
+}
+
+impl Hooks {
+    pub fn sources(&self) -> Vec<(&'static str, &HookSource)> {
+        [
+            ("registry", &self.registry),
+            ("dockerhub", &self.dockerhub),
+            ("harbor", &self.harbor),
+            ("quay", &self.quay),
+        ]
+        .into_iter()
+        .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))
+        .collect()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    #[serde(default)]
+    pub token: Vec<ApiToken>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub name: String,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    pub host: String,
+    pub insecure: Option<bool>,
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+    pub docker_config: Option<String>,
+    pub max_requests_per_second: Option<f64>,
+    pub max_concurrency: Option<usize>,
+    pub internal: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stream {
+    pub name: String,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<StreamTag>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct From {
+    pub image: Option<String>,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamTag {
+    pub name: String,
+    pub from: From,
+    pub alias: Option<bool>,
+    pub scheduled: Option<bool>,
+    pub schedule: Option<String>,
+    pub insecure: Option<bool>,
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    pub name: String,
+    #[serde(default)]
+    pub on: Vec<String>,
+    pub paused: Option<bool>,
+    pub skip_initial: Option<bool>,
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<String>,
+    pub webhook: Option<Webhook>,
+    pub github: Option<Github>,
+    pub gitlab: Option<Gitlab>,
+    pub jenkins: Option<Jenkins>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    pub secret_env: Option<String>,
+    pub secret_file: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub body_template: Option<String>,
+    pub signature_header: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Github {
+    pub repo: String,
+    pub event_type: Option<String>,
+    pub workflow: Option<String>,
+    pub r#ref: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub api_url: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gitlab {
+    pub project: String,
+    pub r#ref: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub api_url: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jenkins {
+    pub job_url: String,
+    pub user: String,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delivery {
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<String>,
+    pub initial_backoff: Option<String>,
+    pub max_backoff: Option<String>,
+    pub timeout: Option<String>,
+    pub concurrency: Option<usize>,
+}

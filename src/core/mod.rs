@@ -1,0 +1,894 @@
+//! The one write path. Every change of a tag — manual import, `tag`, rollback, delete, a
+//! scheduled check, a registry push, a declared stream applied at start — goes through
+//! [`Engine::mutate`], which applies the change to the stream document, propagates it to
+//! aliases, derives the events by comparing before and after, and commits document and events
+//! in one store transaction. Sources never write the store themselves.
+
+pub mod view;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, broadcast, mpsc};
+
+use crate::config::{Config, DeclaredStream};
+use crate::model::event::{IMPORT_FAILED, TAG_CHANGED, TAG_DELETED};
+use crate::model::{
+    Cause, Digest, Event, EventData, HistoryEntry, ImageRef, ImageStream, RefError, StreamImageRef,
+    StreamName, StreamTagRef, TagFrom, TagSpec,
+};
+use crate::registry::{Options, RegistryClient, RegistryError, Resolved};
+use crate::store::{Commit, Store, StoreError};
+
+/// Errors of the API operations. Import failures are not errors: they are outcomes recorded on
+/// the tag. `BadRequest` is the caller's fault (HTTP 400), `NotFound` 404, `Conflict` 409.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<RefError> for CoreError {
+    fn from(e: RefError) -> Self {
+        CoreError::BadRequest(e.to_string())
+    }
+}
+
+/// What happened to a tag an operation asked to import.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub tag: StreamTagRef,
+    pub error: Option<RegistryError>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ImportRequest {
+    /// `[ns/]stream[:tag]`
+    pub name: String,
+    pub namespace: String,
+    pub from: Option<String>,
+    pub confirm: bool,
+    pub all: bool,
+    pub scheduled: bool,
+    pub insecure: bool,
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Docker,
+    Istag,
+    Isimage,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TagRequest {
+    pub namespace: String,
+    pub source: String,
+    pub source_kind: Option<SourceKind>,
+    pub dests: Vec<String>,
+    pub alias: bool,
+    pub scheduled: bool,
+    pub insecure: bool,
+    pub platform: Option<String>,
+}
+
+/// Messages to the scheduler: a stream's specs changed (re-read its tags), or a tag's digest
+/// moved by another path (so its next check compares against the new digest).
+#[derive(Debug, Clone)]
+pub enum SpecChange {
+    Stream(String),
+}
+
+pub struct Engine {
+    pub store: Store,
+    pub registry: Arc<RegistryClient>,
+    pub instance: String,
+    pub max_import_all: usize,
+    /// Committed events, for `watch` and in-process subscribers. Lagging receivers lose
+    /// events; the outbox is the durable path.
+    pub events: broadcast::Sender<Event>,
+    /// Wakes the outbox publisher.
+    pub outbox: Arc<Notify>,
+    /// Tags whose current image changed, for the trigger planner.
+    pub changed_tags: mpsc::UnboundedSender<String>,
+    pub spec_changes: mpsc::UnboundedSender<SpecChange>,
+}
+
+/// The receiving ends of the engine's notifications, handed to the components that run.
+pub struct EngineReceivers {
+    pub changed_tags: mpsc::UnboundedReceiver<String>,
+    pub spec_changes: mpsc::UnboundedReceiver<SpecChange>,
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+impl Engine {
+    pub fn new(store: Store, registry: Arc<RegistryClient>, config: &Config) -> (Arc<Engine>, EngineReceivers) {
+        let (events, _) = broadcast::channel(4096);
+        let (ct_tx, ct_rx) = mpsc::unbounded_channel();
+        let (sc_tx, sc_rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Engine {
+                store,
+                registry,
+                instance: config.server.instance.clone(),
+                max_import_all: config.schedule.max_import_all,
+                events,
+                outbox: Arc::new(Notify::new()),
+                changed_tags: ct_tx,
+                spec_changes: sc_tx,
+            }),
+            EngineReceivers { changed_tags: ct_rx, spec_changes: sc_rx },
+        )
+    }
+
+    /// Applies `f` to the stream (created empty when `create` and absent), propagates alias
+    /// changes, and commits the result with its events; retries on concurrent changes.
+    /// Returns the stream as committed, or None when it does not exist.
+    pub async fn mutate<F>(&self, name: &StreamName, create: bool, f: F) -> Result<ImageStream, CoreError>
+    where
+        F: Fn(&mut ImageStream) -> Result<(), CoreError>,
+    {
+        for _ in 0..20 {
+            let (before, rev) = match self.store.get(&name.key()).await? {
+                Some((doc, rev)) => (Some(doc), Some(rev)),
+                None if create => (None, None),
+                None => {
+                    return Err(CoreError::NotFound(format!("image stream {name} not found")));
+                }
+            };
+            let mut after = before
+                .clone()
+                .unwrap_or_else(|| ImageStream::new(&name.namespace, &name.name, now()));
+            f(&mut after)?;
+            propagate_aliases(before.as_ref(), &mut after);
+            if before.as_ref() == Some(&after) {
+                return Ok(after);
+            }
+            let events = self.diff_events(before.as_ref(), Some(&after));
+            let specs_changed = before.as_ref().is_none_or(|b| b.generation != after.generation);
+            let commit = Commit {
+                key: name.key(),
+                expected_rev: rev,
+                doc: Some(after.clone()),
+                events: events.clone(),
+            };
+            match self.store.commit(commit).await {
+                Ok(_) => {
+                    self.announce(&name.key(), events, specs_changed);
+                    return Ok(after);
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CoreError::Conflict(format!(
+            "image stream {name} kept changing concurrently; try again"
+        )))
+    }
+
+    fn announce(&self, stream_key: &str, events: Vec<Event>, specs_changed: bool) {
+        for e in &events {
+            if e.kind == TAG_CHANGED {
+                let _ = self.changed_tags.send(e.subject.clone());
+            }
+            tracing::info!(
+                event = %e.kind, subject = %e.subject,
+                digest = e.data.digest.as_deref().unwrap_or(""),
+                cause = e.data.cause.as_deref().unwrap_or(""),
+                reason = e.data.reason.as_deref().unwrap_or(""),
+                "tag {}", match e.kind.as_str() { TAG_CHANGED => "changed", TAG_DELETED => "deleted", _ => "import failed" }
+            );
+            crate::metrics::tag_event(e);
+            let _ = self.events.send(e.clone());
+        }
+        if !events.is_empty() {
+            self.outbox.notify_one();
+        }
+        if specs_changed {
+            let _ = self.spec_changes.send(SpecChange::Stream(stream_key.to_string()));
+        }
+    }
+
+    fn diff_events(&self, before: Option<&ImageStream>, after: Option<&ImageStream>) -> Vec<Event> {
+        let mut out = Vec::new();
+        let stream = after.or(before).expect("one side exists");
+        let data = |tag: &str| EventData {
+            namespace: stream.namespace.clone(),
+            stream: stream.name.clone(),
+            tag: tag.to_string(),
+            digest: None,
+            previous: None,
+            image: None,
+            generation: 0,
+            cause: None,
+            reason: None,
+            message: None,
+            trigger: None,
+        };
+        if let Some(after) = after {
+            for (name, t) in &after.tags {
+                let old = before.and_then(|b| b.tags.get(name));
+                let prev = old.and_then(|o| o.current_digest());
+                if let Some(cur) = t.current()
+                    && Some(&cur.digest) != prev
+                {
+                    let mut d = data(name);
+                    d.digest = Some(cur.digest.to_string());
+                    d.previous = prev.map(|p| p.to_string());
+                    d.image = Some(cur.image.clone());
+                    d.generation = cur.generation;
+                    d.cause = Some(cur.cause.as_str().into());
+                    out.push(Event::new(TAG_CHANGED, cur.id.clone(), &self.instance, cur.created, d));
+                }
+                if let Some(c) = t.import_error()
+                    && old.and_then(|o| o.import_error()) != Some(c)
+                {
+                    let mut d = data(name);
+                    d.digest = t.current_digest().map(|x| x.to_string());
+                    d.image = t.current().map(|h| h.image.clone());
+                    d.generation = c.generation;
+                    d.reason = Some(c.reason.clone());
+                    d.message = Some(c.message.clone());
+                    out.push(Event::new(IMPORT_FAILED, new_id(), &self.instance, c.time, d));
+                }
+            }
+        }
+        if let Some(before) = before {
+            for (name, t) in &before.tags {
+                if after.is_none_or(|a| !a.tags.contains_key(name)) {
+                    let mut d = data(name);
+                    d.previous = t.current_digest().map(|x| x.to_string());
+                    d.generation = after.map(|a| a.generation).unwrap_or(before.generation);
+                    out.push(Event::new(TAG_DELETED, new_id(), &self.instance, now(), d));
+                }
+            }
+        }
+        out
+    }
+
+    pub async fn get_stream(&self, name: &StreamName) -> Result<ImageStream, CoreError> {
+        self.store
+            .get(&name.key())
+            .await?
+            .map(|(d, _)| d)
+            .ok_or_else(|| CoreError::NotFound(format!("image stream {name} not found")))
+    }
+
+    /// Resolves an external reference for a tag spec, listing platforms when asked to.
+    pub async fn resolve(&self, spec: &TagSpec, known: Option<&Digest>) -> Result<(ImageRef, Resolved), RegistryError> {
+        let r = match &spec.from {
+            TagFrom::Image(s) => ImageRef::parse(s).map_err(|e| RegistryError::Unsupported {
+                what: s.clone(),
+                detail: e.why,
+            })?,
+            other => {
+                return Err(RegistryError::Unsupported {
+                    what: other.name().to_string(),
+                    detail: "not an external image".into(),
+                });
+            }
+        };
+        let opts = Options {
+            insecure: spec.insecure,
+            platform: spec.platform.as_deref(),
+            known,
+            want_platforms: known.is_none(),
+        };
+        let res = self.registry.resolve(&r, opts).await;
+        crate::metrics::registry_check(&r.registry, res.as_ref().err().map(|e| e.reason()));
+        res.map(|x| (r, x))
+    }
+
+    /// Records the result of resolving `tag`'s external image, unless its spec changed since.
+    pub async fn record_import(
+        &self,
+        tag: &StreamTagRef,
+        spec: &TagSpec,
+        result: Result<(ImageRef, Resolved), RegistryError>,
+        cause: Cause,
+        create: bool,
+    ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
+        let err = result.as_ref().err().cloned();
+        let stream = self
+            .mutate(&tag.stream, create, |s| {
+                let generation = s.generation;
+                let Some(t) = s.tags.get_mut(&tag.tag) else {
+                    return Ok(()); // deleted meanwhile: nothing to record
+                };
+                if &t.spec != spec {
+                    return Ok(()); // re-specced meanwhile: this result is stale
+                }
+                match &result {
+                    Ok((r, res)) => {
+                        let image = r.pull_spec(&res.digest);
+                        if res.unchanged {
+                            t.succeed();
+                        } else {
+                            let changed = t.record(HistoryEntry {
+                                digest: res.digest.clone(),
+                                image,
+                                created: now(),
+                                generation: t.spec_generation,
+                                cause,
+                                id: new_id(),
+                                media_type: res.media_type.clone(),
+                                platforms: res.platforms.clone(),
+                            });
+                            if !changed {
+                                t.succeed();
+                            }
+                            if cause == Cause::Push {
+                                t.last_push = Some(now());
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        t.fail(e.reason(), &e.to_string(), now(), generation);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        Ok((stream, err))
+    }
+
+    /// `import-image`: creates or updates the tag's spec from `--from`, then imports it.
+    pub async fn import_image(&self, req: &ImportRequest) -> Result<Vec<Outcome>, CoreError> {
+        let tag = StreamTagRef::parse(&req.name, &req.namespace)?;
+        if let Some(p) = &req.platform {
+            crate::config::check_platform(p).map_err(CoreError::BadRequest)?;
+        }
+        let existing = self.store.get(&tag.stream.key()).await?.map(|(d, _)| d);
+        if existing.is_none() && !req.confirm {
+            return Err(CoreError::NotFound(format!(
+                "image stream {} does not exist; pass --confirm to create it",
+                tag.stream
+            )));
+        }
+        if req.all {
+            return self.import_all(&tag, req, existing.as_ref()).await;
+        }
+        let spec = match (&req.from, existing.as_ref().and_then(|s| s.tags.get(&tag.tag))) {
+            (Some(from), old) => {
+                ImageRef::parse(from)?;
+                let old = old.map(|t| &t.spec);
+                TagSpec {
+                    from: TagFrom::Image(from.clone()),
+                    alias: false,
+                    scheduled: req.scheduled || old.is_some_and(|o| o.scheduled),
+                    schedule: old.and_then(|o| o.schedule.clone()),
+                    insecure: req.insecure || old.is_some_and(|o| o.insecure),
+                    platform: req.platform.clone().or_else(|| old.and_then(|o| o.platform.clone())),
+                }
+            }
+            (None, Some(t)) => {
+                let TagFrom::Image(_) = &t.spec.from else {
+                    return Err(CoreError::BadRequest(format!(
+                        "tag {tag} comes from {} {}, not from an external image; nothing to import",
+                        t.spec.from.kind(),
+                        t.spec.from.name()
+                    )));
+                };
+                let mut s = t.spec.clone();
+                s.scheduled |= req.scheduled;
+                s.insecure |= req.insecure;
+                if req.platform.is_some() {
+                    s.platform = req.platform.clone();
+                }
+                s
+            }
+            (None, None) => {
+                return Err(CoreError::NotFound(format!(
+                    "tag {tag} does not exist; pass --from=<image> to import it"
+                )));
+            }
+        };
+        let outcome = self.set_and_import(&tag, spec, Cause::Import).await?;
+        Ok(vec![outcome])
+    }
+
+    /// Sets a tag's spec to an external image and imports it, recording the result.
+    async fn set_and_import(&self, tag: &StreamTagRef, spec: TagSpec, cause: Cause) -> Result<Outcome, CoreError> {
+        let s2 = spec.clone();
+        self.mutate(&tag.stream, true, |s| {
+            s.set_spec(&tag.tag, s2.clone());
+            Ok(())
+        })
+        .await?;
+        let result = self.resolve(&spec, None).await;
+        let (_, err) = self.record_import(tag, &spec, result, cause, true).await?;
+        Ok(Outcome { tag: tag.clone(), error: err })
+    }
+
+    async fn import_all(
+        &self,
+        tag: &StreamTagRef,
+        req: &ImportRequest,
+        existing: Option<&ImageStream>,
+    ) -> Result<Vec<Outcome>, CoreError> {
+        let mut outcomes = Vec::new();
+        let Some(from) = &req.from else {
+            // Re-import every tag of the stream that comes from an external image.
+            let s = existing.ok_or_else(|| CoreError::NotFound(format!("image stream {} not found", tag.stream)))?;
+            for (name, t) in &s.tags {
+                if matches!(t.spec.from, TagFrom::Image(_)) {
+                    let tr = StreamTagRef::new(tag.stream.clone(), name)?;
+                    let result = self.resolve(&t.spec, None).await;
+                    let (_, err) = self.record_import(&tr, &t.spec, result, Cause::Import, false).await?;
+                    outcomes.push(Outcome { tag: tr, error: err });
+                }
+            }
+            return Ok(outcomes);
+        };
+        let base = ImageRef::parse(from)?;
+        let mut tags = match self.registry.list_tags(&base, req.insecure).await {
+            Ok(t) => t,
+            Err(e) => return Ok(vec![Outcome { tag: tag.clone(), error: Some(e) }]),
+        };
+        sort_tags_for_import(&mut tags);
+        tags.truncate(self.max_import_all);
+        for t in tags {
+            let tr = StreamTagRef::new(tag.stream.clone(), &t)?;
+            let spec = TagSpec {
+                from: TagFrom::Image(base.with_tag(&t).to_string()),
+                alias: false,
+                scheduled: req.scheduled,
+                schedule: None,
+                insecure: req.insecure,
+                platform: req.platform.clone(),
+            };
+            outcomes.push(self.set_and_import(&tr, spec, Cause::Import).await?);
+        }
+        Ok(outcomes)
+    }
+
+    /// `tag SOURCE DEST...`
+    pub async fn tag(&self, req: &TagRequest) -> Result<Vec<Outcome>, CoreError> {
+        if req.dests.is_empty() {
+            return Err(CoreError::BadRequest("tag needs at least one destination".into()));
+        }
+        let dests = req
+            .dests
+            .iter()
+            .map(|d| StreamTagRef::parse(d, &req.namespace))
+            .collect::<Result<Vec<_>, _>>()?;
+        let kind = req.source_kind.unwrap_or_else(|| infer_source_kind(&req.source));
+        if kind != SourceKind::Docker && (req.scheduled || req.insecure || req.platform.is_some()) {
+            return Err(CoreError::BadRequest(
+                "--scheduled, --insecure and --platform apply only to external images".into(),
+            ));
+        }
+        if req.alias && kind != SourceKind::Istag {
+            return Err(CoreError::BadRequest("--alias needs a stream tag as the source".into()));
+        }
+        if let Some(p) = &req.platform {
+            crate::config::check_platform(p).map_err(CoreError::BadRequest)?;
+        }
+        match kind {
+            SourceKind::Docker => {
+                ImageRef::parse(&req.source)?;
+                let mut outcomes = Vec::new();
+                for d in &dests {
+                    let spec = TagSpec {
+                        from: TagFrom::Image(req.source.clone()),
+                        alias: false,
+                        scheduled: req.scheduled,
+                        schedule: None,
+                        insecure: req.insecure,
+                        platform: req.platform.clone(),
+                    };
+                    let existing = self.store.get(&d.stream.key()).await?;
+                    let spec = match existing.as_ref().and_then(|(s, _)| s.tags.get(&d.tag)) {
+                        // keep a custom schedule set in config across CLI re-tagging
+                        Some(t) if t.spec.from == spec.from && spec.scheduled => TagSpec { schedule: t.spec.schedule.clone(), ..spec },
+                        _ => spec,
+                    };
+                    outcomes.push(self.set_and_import(d, spec, Cause::Tag).await?);
+                }
+                Ok(outcomes)
+            }
+            SourceKind::Istag => {
+                let src = StreamTagRef::parse(&req.source, &req.namespace)?;
+                let src_stream = self.get_stream(&src.stream).await?;
+                let src_tag = src_stream
+                    .tags
+                    .get(&src.tag)
+                    .ok_or_else(|| CoreError::NotFound(format!("stream tag {src} not found")))?;
+                if !req.alias && src_tag.current().is_none() {
+                    return Err(CoreError::BadRequest(format!(
+                        "stream tag {src} has no image yet; nothing to copy (use --alias to follow it)"
+                    )));
+                }
+                for d in &dests {
+                    if req.alias && d.stream != src.stream {
+                        return Err(CoreError::BadRequest(format!(
+                            "--alias works only within one stream: {src} and {d} are in different streams"
+                        )));
+                    }
+                    if *d == src {
+                        return Err(CoreError::BadRequest(format!("cannot tag {src} onto itself")));
+                    }
+                }
+                let mut outcomes = Vec::new();
+                for d in &dests {
+                    let from = if d.stream == src.stream {
+                        TagFrom::Tag(src.tag.clone())
+                    } else {
+                        TagFrom::Tag(src.to_string())
+                    };
+                    let spec = TagSpec {
+                        from,
+                        alias: req.alias,
+                        scheduled: false,
+                        schedule: None,
+                        insecure: false,
+                        platform: None,
+                    };
+                    let src_tag_name = src.tag.clone();
+                    let same_stream = d.stream == src.stream;
+                    let entry = src_tag.current().cloned();
+                    self.mutate(&d.stream, true, |s| {
+                        if req.alias && alias_cycle(s, &d.tag, &src_tag_name) {
+                            return Err(CoreError::BadRequest(format!(
+                                "aliasing {d} to {src} would make a cycle of aliases"
+                            )));
+                        }
+                        // Within one stream take the source's image as it is now in this
+                        // document (it may have moved since the read above).
+                        let entry = if same_stream {
+                            s.tags.get(&src_tag_name).and_then(|t| t.current().cloned())
+                        } else {
+                            entry.clone()
+                        };
+                        let t = s.set_spec(&d.tag, spec.clone());
+                        if let Some(e) = entry {
+                            t.record(HistoryEntry {
+                                created: now(),
+                                generation: t.spec_generation,
+                                cause: Cause::Tag,
+                                id: new_id(),
+                                ..e
+                            });
+                        }
+                        Ok(())
+                    })
+                    .await?;
+                    outcomes.push(Outcome { tag: d.clone(), error: None });
+                }
+                Ok(outcomes)
+            }
+            SourceKind::Isimage => {
+                let src = StreamImageRef::parse(&req.source, &req.namespace)?;
+                let src_stream = self.get_stream(&src.stream).await?;
+                let entry = src_stream.find_image(&src.digest_prefix).map_err(CoreError::NotFound)?.clone();
+                let mut outcomes = Vec::new();
+                for d in &dests {
+                    let spec = TagSpec {
+                        from: TagFrom::Digest(format!("{}@{}", src.stream, entry.digest)),
+                        alias: false,
+                        scheduled: false,
+                        schedule: None,
+                        insecure: false,
+                        platform: None,
+                    };
+                    let entry = entry.clone();
+                    self.mutate(&d.stream, true, |s| {
+                        let t = s.set_spec(&d.tag, spec.clone());
+                        t.record(HistoryEntry {
+                            created: now(),
+                            generation: t.spec_generation,
+                            cause: Cause::Rollback,
+                            id: new_id(),
+                            ..entry.clone()
+                        });
+                        Ok(())
+                    })
+                    .await?;
+                    outcomes.push(Outcome { tag: d.clone(), error: None });
+                }
+                Ok(outcomes)
+            }
+        }
+    }
+
+    /// `tag -d`: removes tags and their history.
+    pub async fn delete_tags(&self, namespace: &str, dests: &[String]) -> Result<Vec<StreamTagRef>, CoreError> {
+        let mut out = Vec::new();
+        for d in dests {
+            let t = StreamTagRef::parse(d, namespace)?;
+            self.mutate(&t.stream, false, |s| {
+                if s.tags.remove(&t.tag).is_none() {
+                    return Err(CoreError::NotFound(format!("stream tag {t} not found")));
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                CoreError::NotFound(_) => CoreError::NotFound(format!("stream tag {t} not found")),
+                e => e,
+            })?;
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    /// Deletes a whole stream (API `DELETE /streams/{ns}/{name}`).
+    pub async fn delete_stream(&self, name: &StreamName) -> Result<(), CoreError> {
+        for _ in 0..20 {
+            let Some((doc, rev)) = self.store.get(&name.key()).await? else {
+                return Err(CoreError::NotFound(format!("image stream {name} not found")));
+            };
+            let events = self.diff_events(Some(&doc), None);
+            match self
+                .store
+                .commit(Commit { key: name.key(), expected_rev: Some(rev), doc: None, events: events.clone() })
+                .await
+            {
+                Ok(_) => {
+                    self.announce(&name.key(), events, true);
+                    return Ok(());
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CoreError::Conflict(format!("image stream {name} kept changing concurrently")))
+    }
+
+    /// Applies the streams declared in `triggers.toml` (`kubectl apply` rule): a declared tag
+    /// is created, or its spec replaced when its declaration changed since last applied.
+    /// Returns the tags that need an import (new or changed declarations from an image).
+    pub async fn apply_declared(&self, declared: &[DeclaredStream]) -> Result<Vec<(StreamTagRef, TagSpec)>, CoreError> {
+        let mut to_import = Vec::new();
+        for ds in declared {
+            let mut changed: Vec<(StreamTagRef, TagSpec)> = Vec::new();
+            let stream = self
+                .mutate(&ds.name, true, |s| {
+                    for dt in &ds.tags {
+                        let current = s.tags.get(&dt.name);
+                        if current.is_some_and(|t| t.declared.as_deref() == Some(&dt.hash)) {
+                            continue;
+                        }
+                        let t = s.set_spec(&dt.name, dt.spec.clone());
+                        t.declared = Some(dt.hash.clone());
+                    }
+                    // Declared copies and pins take their image now.
+                    for dt in &ds.tags {
+                        resolve_local_spec(s, &dt.name);
+                    }
+                    Ok(())
+                })
+                .await;
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(stream = %ds.name, error = %e, "cannot apply declared stream");
+                    continue;
+                }
+            };
+            for dt in &ds.tags {
+                if let Some(t) = stream.tags.get(&dt.name)
+                    && matches!(t.spec.from, TagFrom::Image(_))
+                    && t.declared.as_deref() == Some(&dt.hash)
+                {
+                    let imported_at_gen = t.history.first().map(|h| h.generation).unwrap_or(-1);
+                    let failed_at_gen = t.import_error().map(|c| c.generation).unwrap_or(-1);
+                    if imported_at_gen < t.spec_generation && failed_at_gen < t.spec_generation {
+                        changed.push((StreamTagRef::new(ds.name.clone(), &dt.name)?, t.spec.clone()));
+                    }
+                }
+            }
+            to_import.extend(changed);
+        }
+        Ok(to_import)
+    }
+
+    /// Imports a set of tags, as after `apply_declared`.
+    pub async fn import_specs(&self, tags: Vec<(StreamTagRef, TagSpec)>) {
+        for (tag, spec) in tags {
+            let result = self.resolve(&spec, None).await;
+            if let Err(e) = self.record_import(&tag, &spec, result, Cause::Import, false).await {
+                tracing::error!(tag = %tag, error = %e, "cannot record import");
+            }
+        }
+    }
+
+    /// A push announced by a registry: every tag tracking `registry/repo:tag` is re-checked
+    /// (the notification is a hint) and moved with cause `push`. Returns the tags updated.
+    pub async fn pushed(&self, registry: &str, repository: &str, tag: &str, create_in: Option<StreamTagRef>) -> Result<Vec<StreamTagRef>, CoreError> {
+        let mut targets: Vec<(StreamTagRef, TagSpec)> = Vec::new();
+        for s in self.store.list(None).await? {
+            for (name, t) in &s.tags {
+                if let TagFrom::Image(r) = &t.spec.from
+                    && let Ok(r) = ImageRef::parse(r)
+                    && r.registry == registry
+                    && r.repository == repository
+                    && r.digest.is_none()
+                    && r.tag.as_deref() == Some(tag)
+                {
+                    targets.push((StreamTagRef::new(StreamName::new(&s.namespace, &s.name)?, name)?, t.spec.clone()));
+                }
+            }
+        }
+        if targets.is_empty()
+            && let Some(dest) = create_in
+        {
+            let spec = TagSpec {
+                from: TagFrom::Image(format!("{registry}/{repository}:{tag}")),
+                alias: false,
+                scheduled: false,
+                schedule: None,
+                insecure: false,
+                platform: None,
+            };
+            let s2 = spec.clone();
+            self.mutate(&dest.stream, true, |s| {
+                if !s.tags.contains_key(&dest.tag) {
+                    s.set_spec(&dest.tag, s2.clone());
+                }
+                Ok(())
+            })
+            .await?;
+            let cur = self.get_stream(&dest.stream).await?;
+            if let Some(t) = cur.tags.get(&dest.tag) {
+                targets.push((dest.clone(), t.spec.clone()));
+            }
+        }
+        let mut done = Vec::new();
+        for (t, spec) in targets {
+            let result = self.resolve(&spec, None).await;
+            self.record_import(&t, &spec, result, Cause::Push, false).await?;
+            done.push(t);
+        }
+        Ok(done)
+    }
+}
+
+/// Fills tags that copy or pin from within the stream and have no image yet.
+fn resolve_local_spec(s: &mut ImageStream, tag: &str) {
+    let Some(t) = s.tags.get(tag) else { return };
+    if t.current().is_some() {
+        return;
+    }
+    let entry = match &t.spec.from {
+        TagFrom::Tag(src) if !src.contains(':') => s.tags.get(src).and_then(|x| x.current().cloned()),
+        TagFrom::Digest(d) => d
+            .split_once('@')
+            .and_then(|(_, dg)| s.find_image(dg).ok().cloned()),
+        _ => None,
+    };
+    if let (Some(e), Some(t)) = (entry, s.tags.get_mut(tag)) {
+        t.record(HistoryEntry {
+            created: now(),
+            generation: t.spec_generation,
+            cause: Cause::Tag,
+            id: new_id(),
+            ..e
+        });
+    }
+}
+
+/// Whether making `dest` an alias of `src` would close a loop.
+fn alias_cycle(s: &ImageStream, dest: &str, src: &str) -> bool {
+    let mut cur = src.to_string();
+    let mut seen = BTreeSet::new();
+    loop {
+        if cur == dest {
+            return true;
+        }
+        if !seen.insert(cur.clone()) {
+            return true;
+        }
+        match s.tags.get(&cur) {
+            Some(t) if t.spec.alias => match &t.spec.from {
+                TagFrom::Tag(next) => cur = next.clone(),
+                _ => return false,
+            },
+            _ => return false,
+        }
+    }
+}
+
+/// Gives every alias the current image of its source when the source changed.
+fn propagate_aliases(before: Option<&ImageStream>, after: &mut ImageStream) {
+    let changed: Vec<String> = after
+        .tags
+        .iter()
+        .filter(|(name, t)| {
+            let old = before.and_then(|b| b.tags.get(*name)).and_then(|o| o.current_digest());
+            t.current_digest().is_some() && t.current_digest() != old
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut done: BTreeMap<String, ()> = BTreeMap::new();
+    for src in changed {
+        for alias in after.aliases_of(&src) {
+            if done.contains_key(&alias) {
+                continue;
+            }
+            // The alias's own source (which may itself be an alias) has its image by now,
+            // because aliases_of walks the chain outward.
+            let TagFrom::Tag(direct) = after.tags[&alias].spec.from.clone() else { continue };
+            let Some(entry) = after.tags.get(&direct).and_then(|t| t.current().cloned()) else { continue };
+            let t = after.tags.get_mut(&alias).expect("alias exists");
+            if t.current_digest() == Some(&entry.digest) {
+                continue;
+            }
+            t.record(HistoryEntry {
+                generation: t.spec_generation,
+                id: new_id(),
+                ..entry
+            });
+            done.insert(alias, ());
+        }
+    }
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// `oc tag` source inference: registry host → external; `@` → stream image; `name:tag` →
+/// stream tag; otherwise external image.
+pub fn infer_source_kind(source: &str) -> SourceKind {
+    let first = source.split('/').next().unwrap_or("");
+    let has_registry = source.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    if has_registry {
+        SourceKind::Docker
+    } else if source.contains('@') {
+        SourceKind::Isimage
+    } else if source.contains(':') {
+        SourceKind::Istag
+    } else {
+        SourceKind::Docker
+    }
+}
+
+/// `latest` first, then version-like tags by version descending, then the rest by name.
+pub fn sort_tags_for_import(tags: &mut [String]) {
+    fn version(t: &str) -> Option<Vec<u64>> {
+        let t = t.strip_prefix('v').unwrap_or(t);
+        let parts: Option<Vec<u64>> = t.split(['.', '-', '_']).map(|p| p.parse().ok()).collect();
+        parts.filter(|p| !p.is_empty())
+    }
+    tags.sort_by(|a, b| {
+        let rank = |t: &str| if t == "latest" { 0 } else if version(t).is_some() { 1 } else { 2 };
+        rank(a).cmp(&rank(b)).then_with(|| match (version(a), version(b)) {
+            (Some(va), Some(vb)) => vb.cmp(&va),
+            _ => a.cmp(b),
+        })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_kinds() {
+        assert_eq!(infer_source_kind("127.0.0.1:5000/centos/python"), SourceKind::Docker);
+        assert_eq!(infer_source_kind("docker.io/library/python:3.6"), SourceKind::Docker);
+        assert_eq!(infer_source_kind("python@sha256:abc"), SourceKind::Isimage);
+        assert_eq!(infer_source_kind("python:3.6"), SourceKind::Istag);
+        assert_eq!(infer_source_kind("centos/python"), SourceKind::Docker);
+    }
+
+    #[test]
+    fn import_all_order() {
+        let mut t: Vec<String> = ["a", "1.2", "latest", "1.10", "2", "beta"].iter().map(|s| s.to_string()).collect();
+        sort_tags_for_import(&mut t);
+        assert_eq!(t, vec!["latest", "2", "1.10", "1.2", "a", "beta"]);
+    }
+}

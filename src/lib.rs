@@ -1,0 +1,35 @@
+//! istream: OpenShift-style image streams and image change triggers for any registry and CI.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! scheduler (due tags) ─┐
+//! hooks (registry push) ├─► core (importer) ─► store (+outbox) ─► bus ─► trigger ─► sinks
+//! api / cli (tag, import)┘
+//! ```
+//!
+//! - [`model`]: references, the image stream document, CloudEvents. Pure.
+//! - [`config`]: `triggers.toml` parsed, validated, with file/line/key in every error.
+//! - [`registry`]: the OCI distribution client (HEAD digests, auth, per-host budgets).
+//! - [`core`]: the one write path (import, tag, alias, rollback, delete, push).
+//! - [`store`]: durable state; SQLite embedded default.
+//! - [`scheduler`]: due-time queue of scheduled tags.
+//! - [`bus`]: the outbox publisher (in-process or NATS/JetStream).
+//! - [`trigger`]: firing rule, delivery queue, sinks (webhook, GitHub, GitLab, Jenkins).
+//! - [`hooks`]: registry notification parsers.
+//! - [`api`]: the HTTP server; [`cli`]: the `oc`-style client; [`serve`]: wiring and lifecycle.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod hooks;
+pub mod metrics;
+pub mod model;
+pub mod registry;
+pub mod scheduler;
+pub mod serve;
+pub mod store;
+pub mod trigger;

@@ -1,0 +1,128 @@
+//! CloudEvents 1.0 envelopes (structured JSON mode) for everything the engine announces, and the
+//! NATS subject each goes to. The event id of a tag change is the id of its history entry, so
+//! every re-publication of one change carries the same id (JetStream de-duplicates on it).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub const TAG_CHANGED: &str = "io.istream.tag.changed";
+pub const IMPORT_FAILED: &str = "io.istream.import.failed";
+pub const TAG_DELETED: &str = "io.istream.tag.deleted";
+pub const TRIGGER_DELIVERED: &str = "io.istream.trigger.delivered";
+pub const TRIGGER_DEAD: &str = "io.istream.trigger.dead";
+
+/// A CloudEvent as published and as delivered to webhooks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub subject: String,
+    pub time: DateTime<Utc>,
+    pub datacontenttype: String,
+    pub data: EventData,
+}
+
+/// The payload: a tag and its image. Fields not relevant to an event type are null/absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventData {
+    pub namespace: String,
+    pub stream: String,
+    pub tag: String,
+    pub digest: Option<String>,
+    pub previous: Option<String>,
+    pub image: Option<String>,
+    pub generation: i64,
+    pub cause: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+}
+
+impl Event {
+    pub fn new(kind: &str, id: String, instance: &str, time: DateTime<Utc>, data: EventData) -> Event {
+        Event {
+            specversion: "1.0".into(),
+            id,
+            source: format!("istream://{instance}/{}/{}", data.namespace, data.stream),
+            kind: kind.into(),
+            subject: format!("{}/{}:{}", data.namespace, data.stream, data.tag),
+            time,
+            datacontenttype: "application/json".into(),
+            data,
+        }
+    }
+
+    /// The NATS subject: tag changes on `<prefix>.<ns>.<stream>.<tag>`, every other type under
+    /// `<prefix>._status.<kind>.<ns>.<stream>.<tag>`, which no tag subject can match because
+    /// `_status` is not a valid namespace.
+    pub fn subject(&self, prefix: &str) -> String {
+        let tail = format!(
+            "{}.{}.{}",
+            encode_token(&self.data.namespace),
+            encode_token(&self.data.stream),
+            encode_token(&self.data.tag)
+        );
+        if self.kind == TAG_CHANGED {
+            format!("{prefix}.{tail}")
+        } else {
+            let short = self.kind.trim_start_matches("io.istream.").replace('.', "_");
+            format!("{prefix}._status.{short}.{tail}")
+        }
+    }
+}
+
+/// Percent-encodes `%`, `.`, `*`, `>` and whitespace so a name is exactly one subject token.
+pub fn encode_token(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' | '.' | '*' | '>' => out.push_str(&format!("%{:02X}", c as u32)),
+            c if c.is_whitespace() => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(tag: &str) -> EventData {
+        EventData {
+            namespace: "default".into(),
+            stream: "python".into(),
+            tag: tag.into(),
+            digest: Some("sha256:x".into()),
+            previous: None,
+            image: None,
+            generation: 1,
+            cause: Some("import".into()),
+            reason: None,
+            message: None,
+            trigger: None,
+        }
+    }
+
+    #[test]
+    fn subjects() {
+        let e = Event::new(TAG_CHANGED, "1".into(), "h", Utc::now(), data("3.6"));
+        assert_eq!(e.subject("istream"), "istream.default.python.3%2E6");
+        assert_eq!(e.subject, "default/python:3.6");
+        assert_eq!(e.source, "istream://h/default/python");
+        let e = Event::new(TAG_DELETED, "2".into(), "h", Utc::now(), data("latest"));
+        assert_eq!(e.subject("istream"), "istream._status.tag_deleted.default.python.latest");
+        assert_eq!(encode_token("a%b*c>d e"), "a%25b%2Ac%3Ed%20e");
+    }
+}

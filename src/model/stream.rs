@@ -1,0 +1,351 @@
+//! The image stream document: spec and status of every tag, as stored and as the API shows it.
+//! The rules that keep history and generations right live here as pure functions, so the core
+//! and both stores share one definition of them.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::reference::Digest;
+
+/// Where a tag comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TagFrom {
+    /// An external image reference (tag or digest).
+    Image(String),
+    /// Another stream tag, `[ns/]stream:tag`.
+    Tag(String),
+    /// A stream image `[ns/]stream@digest`: a pin.
+    Digest(String),
+}
+
+impl TagFrom {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TagFrom::Image(_) => "image",
+            TagFrom::Tag(_) => "tag",
+            TagFrom::Digest(_) => "digest",
+        }
+    }
+    pub fn name(&self) -> &str {
+        match self {
+            TagFrom::Image(s) | TagFrom::Tag(s) | TagFrom::Digest(s) => s,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagSpec {
+    pub from: TagFrom,
+    #[serde(default)]
+    pub alias: bool,
+    #[serde(default)]
+    pub scheduled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+}
+
+/// Why a history entry was added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    Import,
+    Schedule,
+    Push,
+    Tag,
+    Rollback,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Import => "import",
+            Cause::Schedule => "schedule",
+            Cause::Push => "push",
+            Cause::Tag => "tag",
+            Cause::Rollback => "rollback",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub digest: Digest,
+    /// Pull spec `registry/repo@digest`.
+    pub image: String,
+    pub created: DateTime<Utc>,
+    pub generation: i64,
+    pub cause: Cause,
+    /// Stable id of this change; the event id of the change it records.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    /// `os/arch[/variant]` of each manifest when the image is an index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub time: DateTime<Utc>,
+    pub generation: i64,
+}
+
+pub const IMPORT_SUCCESS: &str = "ImportSuccess";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tag {
+    pub spec: TagSpec,
+    /// Stream generation of the last spec change.
+    pub spec_generation: i64,
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Hash of the `triggers.toml` declaration last applied to this tag, if declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared: Option<String>,
+    /// When a registry push last moved this tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_push: Option<DateTime<Utc>>,
+}
+
+impl Tag {
+    pub fn current(&self) -> Option<&HistoryEntry> {
+        self.history.first()
+    }
+
+    pub fn current_digest(&self) -> Option<&Digest> {
+        self.current().map(|h| &h.digest)
+    }
+
+    pub fn import_error(&self) -> Option<&Condition> {
+        self.conditions
+            .iter()
+            .find(|c| c.kind == IMPORT_SUCCESS && c.status == "False")
+    }
+
+    /// Records an image as current: a new entry when the digest differs; the same digest from a
+    /// new pull spec updates the current entry instead. Any new entry clears the import error.
+    /// Returns true when the current digest changed.
+    pub fn record(&mut self, entry: HistoryEntry) -> bool {
+        if let Some(cur) = self.history.first_mut()
+            && cur.digest == entry.digest
+        {
+            if cur.image != entry.image {
+                cur.image = entry.image;
+            }
+            if entry.media_type.is_some() {
+                cur.media_type = entry.media_type;
+                cur.platforms = entry.platforms;
+            }
+            return false;
+        }
+        self.history.insert(0, entry);
+        self.conditions.retain(|c| c.kind != IMPORT_SUCCESS);
+        true
+    }
+
+    /// Sets `ImportSuccess=False`, keeping the image. An identical failure (same reason and
+    /// message) is not rewritten, so repeated failed polls do not churn the store.
+    /// Returns true when the condition changed.
+    pub fn fail(&mut self, reason: &str, message: &str, now: DateTime<Utc>, generation: i64) -> bool {
+        if let Some(c) = self.import_error()
+            && c.reason == reason
+            && c.message == message
+        {
+            return false;
+        }
+        self.conditions.retain(|c| c.kind != IMPORT_SUCCESS);
+        self.conditions.push(Condition {
+            kind: IMPORT_SUCCESS.into(),
+            status: "False".into(),
+            reason: reason.into(),
+            message: message.into(),
+            time: now,
+            generation,
+        });
+        true
+    }
+
+    /// Clears an import error after a successful import that found no new image.
+    pub fn succeed(&mut self) -> bool {
+        let before = self.conditions.len();
+        self.conditions.retain(|c| c.kind != IMPORT_SUCCESS);
+        before != self.conditions.len()
+    }
+
+    /// Whether the scheduler should poll this tag: scheduled, from an external image by tag.
+    pub fn is_polled(&self) -> bool {
+        self.spec.scheduled
+            && matches!(&self.spec.from, TagFrom::Image(r) if !r.contains('@'))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStream {
+    pub namespace: String,
+    pub name: String,
+    /// Increases on every spec change.
+    pub generation: i64,
+    pub created: DateTime<Utc>,
+    pub tags: BTreeMap<String, Tag>,
+}
+
+impl ImageStream {
+    pub fn new(namespace: &str, name: &str, now: DateTime<Utc>) -> ImageStream {
+        ImageStream {
+            namespace: namespace.into(),
+            name: name.into(),
+            generation: 0,
+            created: now,
+            tags: BTreeMap::new(),
+        }
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Sets a tag's spec, bumping generations when it changed. Returns the tag.
+    pub fn set_spec(&mut self, tag: &str, spec: TagSpec) -> &mut Tag {
+        let changed = self.tags.get(tag).map(|t| t.spec != spec).unwrap_or(true);
+        if changed {
+            self.generation += 1;
+        }
+        let generation = self.generation;
+        let t = self.tags.entry(tag.to_string()).or_insert_with(|| Tag {
+            spec: spec.clone(),
+            spec_generation: generation,
+            history: Vec::new(),
+            conditions: Vec::new(),
+            declared: None,
+            last_push: None,
+        });
+        if changed {
+            t.spec = spec;
+            t.spec_generation = generation;
+        }
+        t
+    }
+
+    /// The tags that alias `tag` (directly or through other aliases), in dependency order.
+    pub fn aliases_of(&self, tag: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut frontier = vec![tag.to_string()];
+        while let Some(src) = frontier.pop() {
+            for (name, t) in &self.tags {
+                if t.spec.alias
+                    && matches!(&t.spec.from, TagFrom::Tag(s) if s == &src)
+                    && name != tag
+                    && !out.contains(name)
+                {
+                    out.push(name.clone());
+                    frontier.push(name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Finds a unique history image by digest prefix (`algo:hexprefix`) across all tags.
+    pub fn find_image(&self, prefix: &str) -> Result<&HistoryEntry, String> {
+        let mut found: Vec<&HistoryEntry> = Vec::new();
+        for t in self.tags.values() {
+            for h in &t.history {
+                if h.digest.as_str().starts_with(prefix) && !found.iter().any(|f| f.digest == h.digest) {
+                    found.push(h);
+                }
+            }
+        }
+        match found.len() {
+            0 => Err(format!("no image in stream {} matches {prefix}", self.key())),
+            1 => Ok(found[0]),
+            n => Err(format!(
+                "{prefix} is ambiguous in stream {}: {n} images match; give more of the digest",
+                self.key()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(d: char, image: &str) -> HistoryEntry {
+        HistoryEntry {
+            digest: Digest::parse(&format!("sha256:{}", d.to_string().repeat(64))).unwrap(),
+            image: image.into(),
+            created: Utc::now(),
+            generation: 1,
+            cause: Cause::Import,
+            id: "x".into(),
+            media_type: None,
+            platforms: vec![],
+        }
+    }
+
+    fn spec(from: TagFrom) -> TagSpec {
+        TagSpec {
+            from,
+            alias: false,
+            scheduled: false,
+            schedule: None,
+            insecure: false,
+            platform: None,
+        }
+    }
+
+    #[test]
+    fn history_rules() {
+        let mut s = ImageStream::new("default", "python", Utc::now());
+        let t = s.set_spec("3.6", spec(TagFrom::Image("a/b:1".into())));
+        assert!(t.record(entry('a', "r/a@1")));
+        assert!(t.fail("NotFound", "gone", Utc::now(), 1));
+        assert!(!t.fail("NotFound", "gone", Utc::now(), 1), "identical failure is not rewritten");
+        // same digest, new pull spec: current entry updated, no new entry
+        assert!(!t.record(entry('a', "r2/a@1")));
+        assert_eq!(t.history.len(), 1);
+        assert_eq!(t.history[0].image, "r2/a@1");
+        assert!(t.import_error().is_some(), "same image does not clear by itself");
+        assert!(t.record(entry('b', "r/b")));
+        assert_eq!(t.history.len(), 2);
+        assert!(t.import_error().is_none(), "a new entry clears the failure");
+    }
+
+    #[test]
+    fn generations() {
+        let mut s = ImageStream::new("default", "python", Utc::now());
+        s.set_spec("a", spec(TagFrom::Image("x".into())));
+        s.set_spec("b", spec(TagFrom::Image("y".into())));
+        s.set_spec("a", spec(TagFrom::Image("x".into())));
+        assert_eq!(s.generation, 2);
+        assert_eq!(s.tags["a"].spec_generation, 1);
+        assert_eq!(s.tags["b"].spec_generation, 2);
+    }
+
+    #[test]
+    fn alias_chain() {
+        let mut s = ImageStream::new("default", "p", Utc::now());
+        s.set_spec("src", spec(TagFrom::Image("x".into())));
+        let mut a = spec(TagFrom::Tag("src".into()));
+        a.alias = true;
+        s.set_spec("latest", a);
+        let mut b = spec(TagFrom::Tag("latest".into()));
+        b.alias = true;
+        s.set_spec("stable", b);
+        assert_eq!(s.aliases_of("src"), vec!["latest", "stable"]);
+    }
+}

@@ -1,0 +1,417 @@
+//! The scheduler: a due-time queue of every scheduled tag (a binary heap keyed by due time,
+//! with versioned entries so a changed or removed tag needs no heap search). Nothing scans all
+//! tags per tick; a tag costs one heap entry and one map entry while idle. First checks after
+//! start are spread over each tag's period by a deterministic jitter; a failed check backs off
+//! exponentially (with jitter, capped at the period); a registry's `Retry-After` pauses all of
+//! that registry's checks in the registry client. A check that finds the known digest (a `304`
+//! to `If-None-Match`) does not touch the store.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Schedule;
+use crate::core::view;
+use crate::core::{Engine, SpecChange};
+use crate::model::{Cause, Digest, ImageStream, StreamName, StreamTagRef, TagSpec};
+
+/// Read side of the scheduler's state, for `describe` and the API.
+#[derive(Clone, Default)]
+pub struct SchedulerHandle {
+    info: Arc<Mutex<HashMap<String, view::Schedule>>>,
+}
+
+impl SchedulerHandle {
+    pub fn info(&self, key: &str) -> Option<view::Schedule> {
+        self.info.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
+    }
+
+    fn set(&self, key: &str, s: view::Schedule) {
+        self.info.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), s);
+    }
+
+    fn remove(&self, key: &str) {
+        self.info.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+/// A min-heap of due times with lazy deletion: an item is live only while its version matches
+/// the tag's current version.
+#[derive(Default)]
+pub struct DueQueue {
+    heap: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    versions: HashMap<String, u64>,
+    next_version: u64,
+}
+
+impl DueQueue {
+    /// Schedules `key` at `due`, replacing any earlier schedule of it. Returns its version.
+    pub fn schedule(&mut self, key: &str, due: Instant) -> u64 {
+        self.next_version += 1;
+        let v = self.next_version;
+        self.versions.insert(key.to_string(), v);
+        self.heap.push(Reverse((due, v, key.to_string())));
+        v
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        self.versions.remove(key);
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.versions.contains_key(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.versions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+
+    /// The earliest live due time.
+    pub fn peek(&mut self) -> Option<Instant> {
+        while let Some(Reverse((due, v, key))) = self.heap.peek() {
+            if self.versions.get(key) == Some(v) {
+                return Some(*due);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    /// Pops the earliest live item if it is due at `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<(String, u64)> {
+        let due = self.peek()?;
+        if due > now {
+            return None;
+        }
+        let Reverse((_, v, key)) = self.heap.pop()?;
+        Some((key, v))
+    }
+
+    pub fn version(&self, key: &str) -> Option<u64> {
+        self.versions.get(key).copied()
+    }
+}
+
+/// A stable fraction in [0, 1) per tag, so restarts spread the same way every time.
+pub fn jitter_fraction(key: &str) -> f64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % 1_000_000) as f64 / 1_000_000.0
+}
+
+/// Delay before the next check after `failures` consecutive failures: 2s doubling, with
+/// ±20% jitter, never more than the period.
+pub fn failure_backoff(failures: u32, period: Duration) -> Duration {
+    let base = Duration::from_secs(2).saturating_mul(1u32 << failures.min(20).saturating_sub(1));
+    let jittered = base.mul_f64(0.8 + fastrand::f64() * 0.4);
+    jittered.min(period)
+}
+
+struct Entry {
+    tag: StreamTagRef,
+    spec: TagSpec,
+    schedule: Schedule,
+    known: Option<Digest>,
+    has_error: bool,
+    failures: u32,
+    /// Next nominal due time (wall clock), from which the following one is computed.
+    checking: bool,
+}
+
+pub struct Scheduler {
+    engine: Arc<Engine>,
+    default: Schedule,
+    handle: SchedulerHandle,
+    rx: mpsc::UnboundedReceiver<SpecChange>,
+    entries: HashMap<String, Entry>,
+    queue: DueQueue,
+    /// Checks in flight at once, over all registries (each registry has its own budget too).
+    max_inflight: usize,
+}
+
+struct CheckDone {
+    key: String,
+    version: u64,
+    known: Option<Digest>,
+    has_error: bool,
+    retry_after: Option<Duration>,
+    failed: bool,
+}
+
+impl Scheduler {
+    pub fn new(engine: Arc<Engine>, default: Schedule, rx: mpsc::UnboundedReceiver<SpecChange>) -> (Scheduler, SchedulerHandle) {
+        let handle = SchedulerHandle::default();
+        (
+            Scheduler {
+                engine,
+                default,
+                handle: handle.clone(),
+                rx,
+                entries: HashMap::new(),
+                queue: DueQueue::default(),
+                max_inflight: 256,
+            },
+            handle,
+        )
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
+        match self.engine.store.list(None).await {
+            Ok(streams) => {
+                for s in &streams {
+                    self.load_stream(s, true);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "scheduler cannot read the store; scheduled tags wait for changes"),
+        }
+        crate::metrics::scheduled_tags(self.entries.len());
+        tracing::info!(tags = self.entries.len(), "scheduler started");
+        let mut inflight: JoinSet<CheckDone> = JoinSet::new();
+        loop {
+            // Start every due check there is room for.
+            let now = Instant::now();
+            while inflight.len() < self.max_inflight {
+                let Some((key, version)) = self.queue.pop_due(now) else { break };
+                let Some(e) = self.entries.get_mut(&key) else { continue };
+                e.checking = true;
+                let engine = self.engine.clone();
+                let (tag, spec, known, has_error) = (e.tag.clone(), e.spec.clone(), e.known.clone(), e.has_error);
+                inflight.spawn(check(engine, key, version, tag, spec, known, has_error));
+            }
+            let next = self.queue.peek();
+            let room = inflight.len() < self.max_inflight;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                msg = self.rx.recv() => match msg {
+                    Some(SpecChange::Stream(key)) => self.reload(&key).await,
+                    None => break,
+                },
+                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                    if let Ok(done) = done {
+                        self.finish(done);
+                    }
+                }
+                _ = sleep_until_opt(next), if room && next.is_some() => {}
+            }
+        }
+        inflight.shutdown().await;
+    }
+
+    async fn reload(&mut self, stream_key: &str) {
+        let Some((ns, name)) = stream_key.split_once('/') else { return };
+        let doc = match self.engine.store.get(stream_key).await {
+            Ok(d) => d.map(|(d, _)| d),
+            Err(e) => {
+                tracing::warn!(stream = stream_key, error = %e, "scheduler cannot re-read stream");
+                return;
+            }
+        };
+        let prefix = format!("{stream_key}:");
+        let present: Vec<String> = self.entries.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+        let mut keep = Vec::new();
+        if let Some(doc) = &doc {
+            keep = self.load_stream(doc, false);
+        } else {
+            let _ = (ns, name);
+        }
+        for k in present {
+            if !keep.contains(&k) {
+                self.entries.remove(&k);
+                self.queue.remove(&k);
+                self.handle.remove(&k);
+            }
+        }
+        crate::metrics::scheduled_tags(self.entries.len());
+    }
+
+    /// Adds or refreshes the polled tags of a stream; returns their keys.
+    fn load_stream(&mut self, s: &ImageStream, at_start: bool) -> Vec<String> {
+        let mut keys = Vec::new();
+        let Ok(sn) = StreamName::new(&s.namespace, &s.name) else { return keys };
+        for (name, t) in &s.tags {
+            if !t.is_polled() {
+                continue;
+            }
+            let key = format!("{}:{}", s.key(), name);
+            let schedule = match t.spec.schedule.as_deref().map(Schedule::parse) {
+                Some(Ok(sch)) => sch,
+                Some(Err(e)) => {
+                    tracing::warn!(tag = %key, error = %e, "bad schedule; using the default");
+                    self.default.clone()
+                }
+                None => self.default.clone(),
+            };
+            keys.push(key.clone());
+            let known = t.current_digest().cloned();
+            let has_error = t.import_error().is_some();
+            if let Some(e) = self.entries.get_mut(&key)
+                && e.spec == t.spec
+            {
+                // Same spec: the digest may have moved by another path; keep the due time.
+                if !e.checking {
+                    e.known = known;
+                    e.has_error = has_error;
+                }
+                continue;
+            }
+            let period = schedule.period(Utc::now());
+            let delay = if at_start {
+                // Spread first checks over the period; cron schedules keep their own times.
+                match &schedule {
+                    Schedule::Interval(_) => period.mul_f64(jitter_fraction(&key)),
+                    Schedule::Cron(c) => until(Schedule::Cron(c.clone()).next_after(Utc::now())),
+                }
+            } else {
+                // A new or changed spec was imported just now by the write path.
+                until(schedule.next_after(Utc::now()))
+            };
+            let Ok(tag) = StreamTagRef::new(sn.clone(), name) else { continue };
+            self.entries.insert(
+                key.clone(),
+                Entry { tag, spec: t.spec.clone(), schedule, known, has_error, failures: 0, checking: false },
+            );
+            self.enqueue(&key, delay, None);
+        }
+        keys
+    }
+
+    fn enqueue(&mut self, key: &str, delay: Duration, last_checked: Option<chrono::DateTime<Utc>>) {
+        let due = Instant::now() + delay;
+        self.queue.schedule(key, due);
+        let prev = self.handle.info(key).and_then(|i| i.last_checked);
+        self.handle.set(
+            key,
+            view::Schedule {
+                last_checked: last_checked.or(prev),
+                next_due: chrono::Duration::from_std(delay).ok().map(|d| Utc::now() + d),
+            },
+        );
+    }
+
+    fn finish(&mut self, done: CheckDone) {
+        let Some(e) = self.entries.get_mut(&done.key) else { return };
+        e.checking = false;
+        if self.queue.version(&done.key).is_some_and(|v| v != done.version) {
+            // Rescheduled (spec changed) while checking.
+            return;
+        }
+        e.known = done.known;
+        e.has_error = done.has_error;
+        let period = e.schedule.period(Utc::now());
+        let delay = if done.failed {
+            e.failures += 1;
+            let backoff = failure_backoff(e.failures, period);
+            done.retry_after.map_or(backoff, |r| r.max(Duration::from_millis(100)).min(period.max(r)))
+        } else {
+            e.failures = 0;
+            until(e.schedule.next_after(Utc::now()))
+        };
+        self.enqueue(&done.key, delay, Some(Utc::now()));
+    }
+}
+
+fn until(t: chrono::DateTime<Utc>) -> Duration {
+    (t - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn check(
+    engine: Arc<Engine>,
+    key: String,
+    version: u64,
+    tag: StreamTagRef,
+    spec: TagSpec,
+    known: Option<Digest>,
+    has_error: bool,
+) -> CheckDone {
+    let result = engine.resolve(&spec, known.as_ref()).await;
+    let (failed, retry_after) = match &result {
+        Ok(_) => (false, None),
+        Err(e) => (true, e.retry_after()),
+    };
+    let unchanged = matches!(&result, Ok((_, r)) if r.unchanged || Some(&r.digest) == known.as_ref());
+    if unchanged && !has_error {
+        return CheckDone { key, version, known, has_error, retry_after, failed };
+    }
+    match engine.record_import(&tag, &spec, result, Cause::Schedule, false).await {
+        Ok((stream, _)) => {
+            let t = stream.tags.get(&tag.tag);
+            CheckDone {
+                key,
+                version,
+                known: t.and_then(|t| t.current_digest().cloned()),
+                has_error: t.is_some_and(|t| t.import_error().is_some()),
+                retry_after,
+                failed,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(tag = %tag, error = %e, "cannot record scheduled check");
+            CheckDone { key, version, known, has_error, retry_after, failed: true }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_orders_and_replaces() {
+        let mut q = DueQueue::default();
+        let t0 = Instant::now();
+        q.schedule("b", t0 + Duration::from_secs(2));
+        q.schedule("a", t0 + Duration::from_secs(1));
+        q.schedule("c", t0 + Duration::from_secs(3));
+        // rescheduling replaces: "a" moves after "c"
+        q.schedule("a", t0 + Duration::from_secs(5));
+        q.remove("c");
+        assert_eq!(q.pop_due(t0), None, "nothing due yet");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let now = Instant::now();
+        let order: Vec<String> = std::iter::from_fn(|| q.pop_due(now).map(|x| x.0)).collect();
+        assert_eq!(order, vec!["b", "a"]);
+        assert_eq!(q.peek(), None);
+    }
+
+    #[test]
+    fn jitter_is_stable_and_spread() {
+        assert_eq!(jitter_fraction("default/a:1"), jitter_fraction("default/a:1"));
+        let fr: Vec<f64> = (0..1000).map(|i| jitter_fraction(&format!("default/s:{i}"))).collect();
+        assert!(fr.iter().all(|f| (0.0..1.0).contains(f)));
+        // spread: each tenth of the period gets a fair share
+        for b in 0..10 {
+            let n = fr.iter().filter(|f| (**f * 10.0) as usize == b).count();
+            assert!((50..150).contains(&n), "bucket {b} has {n}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_caps_at_period() {
+        let p = Duration::from_secs(60);
+        let b1 = failure_backoff(1, p);
+        let b3 = failure_backoff(3, p);
+        assert!(b1 >= Duration::from_millis(1600) && b1 <= Duration::from_millis(2400));
+        assert!(b3 >= Duration::from_millis(6400) && b3 <= Duration::from_millis(9600));
+        assert_eq!(failure_backoff(30, p), p);
+    }
+}

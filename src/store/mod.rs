@@ -1,0 +1,195 @@
+//! Durable state behind one interface: image stream documents (compare-and-set on a revision),
+//! the event outbox written in the same transaction as each change, and trigger bookkeeping
+//! (last image fired for, delivery queue). `sqlite` is the embedded default; the enum leaves
+//! room for a JetStream-backed store with the same behaviour.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::model::{Event, ImageStream};
+
+/// Store failures. `Conflict` is retryable (re-read and re-apply); the others are not.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("image stream {0} was changed concurrently")]
+    Conflict(String),
+    #[error("store: {0}")]
+    Backend(String),
+    #[error("store holds unreadable data: {0}")]
+    Corrupt(String),
+}
+
+/// One change: the new document (None deletes) and the events it causes, written atomically.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    pub key: String,
+    /// The revision read before the change; None: the stream must not exist yet.
+    pub expected_rev: Option<i64>,
+    pub doc: Option<ImageStream>,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    Dead,
+    Superseded,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+            DeliveryState::Superseded => "superseded",
+        }
+    }
+    pub fn parse(s: &str) -> Option<DeliveryState> {
+        Some(match s {
+            "pending" => DeliveryState::Pending,
+            "delivered" => DeliveryState::Delivered,
+            "dead" => DeliveryState::Dead,
+            "superseded" => DeliveryState::Superseded,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub id: i64,
+    pub trigger: String,
+    /// `ns/stream:tag`
+    pub tag: String,
+    pub digest: String,
+    pub event: Event,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    /// Unix milliseconds.
+    pub next_at: i64,
+    pub created: i64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TriggerSummary {
+    pub pending: i64,
+    pub dead: i64,
+    pub delivered: i64,
+    pub superseded: i64,
+    /// `ns/stream:tag` -> digest last fired for.
+    pub last_fired: BTreeMap<String, String>,
+}
+
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(Arc<sqlite::SqliteStore>),
+}
+
+macro_rules! blocking {
+    ($self:ident, $s:ident => $body:expr) => {{
+        match $self {
+            Store::Sqlite(inner) => {
+                let $s = inner.clone();
+                tokio::task::spawn_blocking(move || $body)
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+            }
+        }
+    }};
+}
+
+impl Store {
+    pub fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store::Sqlite(Arc::new(sqlite::SqliteStore::open(path)?)))
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<(ImageStream, i64)>, StoreError> {
+        let key = key.to_string();
+        blocking!(self, s => s.get(&key))
+    }
+
+    pub async fn list(&self, namespace: Option<&str>) -> Result<Vec<ImageStream>, StoreError> {
+        let ns = namespace.map(str::to_string);
+        blocking!(self, s => s.list(ns.as_deref()))
+    }
+
+    pub async fn commit(&self, commit: Commit) -> Result<i64, StoreError> {
+        blocking!(self, s => s.commit(&commit))
+    }
+
+    pub async fn pending_events(&self, limit: usize) -> Result<Vec<(i64, Event)>, StoreError> {
+        blocking!(self, s => s.pending_events(limit))
+    }
+
+    pub async fn outbox_depth(&self) -> Result<i64, StoreError> {
+        blocking!(self, s => s.outbox_depth())
+    }
+
+    pub async fn mark_published(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
+        blocking!(self, s => s.mark_published(&seqs))
+    }
+
+    pub async fn last_fired(&self, trigger: &str, tag: &str) -> Result<Option<String>, StoreError> {
+        let (t, g) = (trigger.to_string(), tag.to_string());
+        blocking!(self, s => s.last_fired(&t, &g))
+    }
+
+    pub async fn fire(
+        &self,
+        trigger: &str,
+        tag: &str,
+        digest: &str,
+        delivery: Option<Event>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (t, g, d) = (trigger.to_string(), tag.to_string(), digest.to_string());
+        blocking!(self, s => s.fire(&t, &g, &d, delivery.as_ref(), now_ms))
+    }
+
+    pub async fn due_deliveries(&self, now_ms: i64, limit: usize, exclude: Vec<i64>) -> Result<Vec<Delivery>, StoreError> {
+        blocking!(self, s => s.due_deliveries(now_ms, limit, &exclude))
+    }
+
+    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        blocking!(self, s => s.next_due())
+    }
+
+    pub async fn update_delivery(
+        &self,
+        id: i64,
+        state: DeliveryState,
+        attempts: u32,
+        next_at: i64,
+        error: Option<String>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        blocking!(self, s => s.update_delivery(id, state, attempts, next_at, error.as_deref(), now_ms))
+    }
+
+    pub async fn deliveries(&self, trigger: &str, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        let t = trigger.to_string();
+        blocking!(self, s => s.deliveries(&t, limit))
+    }
+
+    pub async fn summary(&self, trigger: &str) -> Result<TriggerSummary, StoreError> {
+        let t = trigger.to_string();
+        blocking!(self, s => s.summary(&t))
+    }
+
+    pub async fn retry_dead(&self, trigger: &str, now_ms: i64) -> Result<usize, StoreError> {
+        let t = trigger.to_string();
+        blocking!(self, s => s.retry_dead(&t, now_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests;

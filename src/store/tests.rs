@@ -1,0 +1,86 @@
+//! Behaviour every store must have; run against each implementation.
+
+use super::*;
+use crate::model::*;
+use chrono::Utc;
+
+fn event(tag: &str, digest: &str) -> Event {
+    Event::new(
+        model_event::TAG_CHANGED,
+        uuid::Uuid::now_v7().to_string(),
+        "test",
+        Utc::now(),
+        EventData {
+            namespace: "default".into(),
+            stream: "s".into(),
+            tag: tag.into(),
+            digest: Some(digest.into()),
+            previous: None,
+            image: None,
+            generation: 1,
+            cause: Some("import".into()),
+            reason: None,
+            message: None,
+            trigger: None,
+        },
+    )
+}
+
+use crate::model::event as model_event;
+
+async fn behaviour(store: Store) {
+    let doc = ImageStream::new("default", "s", Utc::now());
+    // create requires "must not exist"
+    let rev = store
+        .commit(Commit { key: "default/s".into(), expected_rev: None, doc: Some(doc.clone()), events: vec![event("a", "d1")] })
+        .await
+        .unwrap();
+    let again = store
+        .commit(Commit { key: "default/s".into(), expected_rev: None, doc: Some(doc.clone()), events: vec![] })
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))));
+    // stale revision conflicts, current succeeds
+    let stale = store
+        .commit(Commit { key: "default/s".into(), expected_rev: Some(rev + 5), doc: Some(doc.clone()), events: vec![] })
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))));
+    let rev2 = store
+        .commit(Commit { key: "default/s".into(), expected_rev: Some(rev), doc: Some(doc.clone()), events: vec![event("a", "d2")] })
+        .await
+        .unwrap();
+    assert!(rev2 > rev);
+    assert_eq!(store.get("default/s").await.unwrap().unwrap().1, rev2);
+    assert_eq!(store.list(Some("default")).await.unwrap().len(), 1);
+    assert_eq!(store.list(Some("other")).await.unwrap().len(), 0);
+    // outbox in order
+    let pending = store.pending_events(10).await.unwrap();
+    assert_eq!(pending.len(), 2);
+    assert_eq!(pending[0].1.data.digest.as_deref(), Some("d1"));
+    store.mark_published(vec![pending[0].0]).await.unwrap();
+    assert_eq!(store.pending_events(10).await.unwrap().len(), 1);
+    // trigger bookkeeping: supersede pending
+    store.fire("t", "default/s:a", "d1", Some(event("a", "d1")), 0).await.unwrap();
+    store.fire("t", "default/s:a", "d2", Some(event("a", "d2")), 0).await.unwrap();
+    assert_eq!(store.last_fired("t", "default/s:a").await.unwrap().as_deref(), Some("d2"));
+    let due = store.due_deliveries(1, 10, vec![]).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].digest, "d2");
+    let sum = store.summary("t").await.unwrap();
+    assert_eq!((sum.pending, sum.superseded), (1, 1));
+    store.update_delivery(due[0].id, DeliveryState::Dead, 3, 0, Some("404".into()), 1).await.unwrap();
+    assert_eq!(store.summary("t").await.unwrap().dead, 1);
+    assert_eq!(store.retry_dead("t", 2).await.unwrap(), 1);
+    assert_eq!(store.summary("t").await.unwrap().pending, 1);
+    // delete
+    store
+        .commit(Commit { key: "default/s".into(), expected_rev: Some(rev2), doc: None, events: vec![] })
+        .await
+        .unwrap();
+    assert!(store.get("default/s").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn sqlite_behaviour() {
+    let dir = tempfile::tempdir().unwrap();
+    behaviour(Store::open_sqlite(&dir.path().join("x.db")).unwrap()).await;
+}
