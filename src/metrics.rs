@@ -35,23 +35,61 @@ fn m() -> &'static Metrics {
         let tag_changes = Family::<Labels, Counter>::default();
         registry.register("tag_changes", "Tag changes by cause", tag_changes.clone());
         let import_failures = Family::<Labels, Counter>::default();
-        registry.register("import_failures", "Failed imports by reason", import_failures.clone());
+        registry.register(
+            "import_failures",
+            "Failed imports by reason",
+            import_failures.clone(),
+        );
         let checks = Family::<Labels, Counter>::default();
-        registry.register("registry_checks", "Registry digest checks by registry and result", checks.clone());
+        registry.register(
+            "registry_checks",
+            "Registry digest checks by registry and result",
+            checks.clone(),
+        );
         let events_published = Family::<Labels, Counter>::default();
-        registry.register("events_published", "Events published by bus and type", events_published.clone());
+        registry.register(
+            "events_published",
+            "Events published by bus and type",
+            events_published.clone(),
+        );
         let outbox_depth = Gauge::default();
-        registry.register("outbox_depth", "Events recorded but not yet published", outbox_depth.clone());
+        registry.register(
+            "outbox_depth",
+            "Events recorded but not yet published",
+            outbox_depth.clone(),
+        );
         let scheduled_tags = Gauge::default();
-        registry.register("scheduled_tags", "Tags the scheduler polls", scheduled_tags.clone());
+        registry.register(
+            "scheduled_tags",
+            "Tags the scheduler polls",
+            scheduled_tags.clone(),
+        );
         let deliveries = Family::<Labels, Counter>::default();
-        registry.register("deliveries", "Trigger delivery attempts by trigger and result", deliveries.clone());
-        let delivery_latency = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-        registry.register("delivery_seconds", "Duration of one delivery request", delivery_latency.clone());
+        registry.register(
+            "deliveries",
+            "Trigger delivery attempts by trigger and result",
+            deliveries.clone(),
+        );
+        let delivery_latency = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "delivery_seconds",
+            "Duration of one delivery request",
+            delivery_latency.clone(),
+        );
         let hooks = Family::<Labels, Counter>::default();
-        registry.register("hook_requests", "Registry notifications by source and result", hooks.clone());
+        registry.register(
+            "hook_requests",
+            "Registry notifications by source and result",
+            hooks.clone(),
+        );
         let rate_limit_pauses = Family::<Labels, Counter>::default();
-        registry.register("rate_limit_pauses", "Registry answers that paused a host", rate_limit_pauses.clone());
+        registry.register(
+            "rate_limit_pauses",
+            "Registry answers that paused a host",
+            rate_limit_pauses.clone(),
+        );
         Metrics {
             registry,
             tag_changes,
@@ -87,10 +125,15 @@ pub fn tag_event(e: &Event) {
 pub fn registry_check(registry: &str, failure: Option<&str>) {
     let result = failure.unwrap_or("ok").to_string();
     if failure == Some("RateLimited") {
-        m().rate_limit_pauses.get_or_create(&vec![("registry", registry.to_string())]).inc();
+        m().rate_limit_pauses
+            .get_or_create(&vec![("registry", registry.to_string())])
+            .inc();
     }
     m().checks
-        .get_or_create(&vec![("registry", registry.to_string()), ("result", result)])
+        .get_or_create(&vec![
+            ("registry", registry.to_string()),
+            ("result", result),
+        ])
         .inc();
 }
 
@@ -110,14 +153,20 @@ pub fn scheduled_tags(n: usize) {
 
 pub fn delivery(trigger: &str, result: &str, seconds: f64) {
     m().deliveries
-        .get_or_create(&vec![("trigger", trigger.to_string()), ("result", result.to_string())])
+        .get_or_create(&vec![
+            ("trigger", trigger.to_string()),
+            ("result", result.to_string()),
+        ])
         .inc();
     m().delivery_latency.observe(seconds);
 }
 
 pub fn hook(source: &str, result: &str) {
     m().hooks
-        .get_or_create(&vec![("source", source.to_string()), ("result", result.to_string())])
+        .get_or_create(&vec![
+            ("source", source.to_string()),
+            ("result", result.to_string()),
+        ])
         .inc();
 }
 

@@ -31,15 +31,25 @@ pub struct SchedulerHandle {
 
 impl SchedulerHandle {
     pub fn info(&self, key: &str) -> Option<view::Schedule> {
-        self.info.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
+        self.info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
     }
 
     fn set(&self, key: &str, s: view::Schedule) {
-        self.info.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), s);
+        self.info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), s);
     }
 
     fn remove(&self, key: &str) {
-        self.info.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 }
 
@@ -151,7 +161,11 @@ struct CheckDone {
 }
 
 impl Scheduler {
-    pub fn new(engine: Arc<Engine>, default: Schedule, rx: mpsc::UnboundedReceiver<SpecChange>) -> (Scheduler, SchedulerHandle) {
+    pub fn new(
+        engine: Arc<Engine>,
+        default: Schedule,
+        rx: mpsc::UnboundedReceiver<SpecChange>,
+    ) -> (Scheduler, SchedulerHandle) {
         let handle = SchedulerHandle::default();
         (
             Scheduler {
@@ -174,7 +188,9 @@ impl Scheduler {
                     self.load_stream(s, true);
                 }
             }
-            Err(e) => tracing::error!(error = %e, "scheduler cannot read the store; scheduled tags wait for changes"),
+            Err(e) => {
+                tracing::error!(error = %e, "scheduler cannot read the store; scheduled tags wait for changes")
+            }
         }
         crate::metrics::scheduled_tags(self.entries.len());
         tracing::info!(tags = self.entries.len(), "scheduler started");
@@ -183,11 +199,16 @@ impl Scheduler {
             // Start every due check there is room for.
             let now = Instant::now();
             while inflight.len() < self.max_inflight {
-                let Some((key, version)) = self.queue.pop_due(now) else { break };
-                let Some(e) = self.entries.get_mut(&key) else { continue };
+                let Some((key, version)) = self.queue.pop_due(now) else {
+                    break;
+                };
+                let Some(e) = self.entries.get_mut(&key) else {
+                    continue;
+                };
                 e.checking = true;
                 let engine = self.engine.clone();
-                let (tag, spec, known, has_error) = (e.tag.clone(), e.spec.clone(), e.known.clone(), e.has_error);
+                let (tag, spec, known, has_error) =
+                    (e.tag.clone(), e.spec.clone(), e.known.clone(), e.has_error);
                 inflight.spawn(check(engine, key, version, tag, spec, known, has_error));
             }
             let next = self.queue.peek();
@@ -210,7 +231,9 @@ impl Scheduler {
     }
 
     async fn reload(&mut self, stream_key: &str) {
-        let Some((ns, name)) = stream_key.split_once('/') else { return };
+        let Some((ns, name)) = stream_key.split_once('/') else {
+            return;
+        };
         let doc = match self.engine.store.get(stream_key).await {
             Ok(d) => d.map(|(d, _)| d),
             Err(e) => {
@@ -219,7 +242,12 @@ impl Scheduler {
             }
         };
         let prefix = format!("{stream_key}:");
-        let present: Vec<String> = self.entries.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+        let present: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
         let mut keep = Vec::new();
         if let Some(doc) = &doc {
             keep = self.load_stream(doc, false);
@@ -239,7 +267,9 @@ impl Scheduler {
     /// Adds or refreshes the polled tags of a stream; returns their keys.
     fn load_stream(&mut self, s: &ImageStream, at_start: bool) -> Vec<String> {
         let mut keys = Vec::new();
-        let Ok(sn) = StreamName::new(&s.namespace, &s.name) else { return keys };
+        let Ok(sn) = StreamName::new(&s.namespace, &s.name) else {
+            return keys;
+        };
         for (name, t) in &s.tags {
             if !t.is_polled() {
                 continue;
@@ -277,10 +307,20 @@ impl Scheduler {
                 // A new or changed spec was imported just now by the write path.
                 until(schedule.next_after(Utc::now()))
             };
-            let Ok(tag) = StreamTagRef::new(sn.clone(), name) else { continue };
+            let Ok(tag) = StreamTagRef::new(sn.clone(), name) else {
+                continue;
+            };
             self.entries.insert(
                 key.clone(),
-                Entry { tag, spec: t.spec.clone(), schedule, known, has_error, failures: 0, checking: false },
+                Entry {
+                    tag,
+                    spec: t.spec.clone(),
+                    schedule,
+                    known,
+                    has_error,
+                    failures: 0,
+                    checking: false,
+                },
             );
             self.enqueue(&key, delay, None);
         }
@@ -295,15 +335,23 @@ impl Scheduler {
             key,
             view::Schedule {
                 last_checked: last_checked.or(prev),
-                next_due: chrono::Duration::from_std(delay).ok().map(|d| Utc::now() + d),
+                next_due: chrono::Duration::from_std(delay)
+                    .ok()
+                    .map(|d| Utc::now() + d),
             },
         );
     }
 
     fn finish(&mut self, done: CheckDone) {
-        let Some(e) = self.entries.get_mut(&done.key) else { return };
+        let Some(e) = self.entries.get_mut(&done.key) else {
+            return;
+        };
         e.checking = false;
-        if self.queue.version(&done.key).is_some_and(|v| v != done.version) {
+        if self
+            .queue
+            .version(&done.key)
+            .is_some_and(|v| v != done.version)
+        {
             // Rescheduled (spec changed) while checking.
             return;
         }
@@ -313,7 +361,9 @@ impl Scheduler {
         let delay = if done.failed {
             e.failures += 1;
             let backoff = failure_backoff(e.failures, period);
-            done.retry_after.map_or(backoff, |r| r.max(Duration::from_millis(100)).min(period.max(r)))
+            done.retry_after.map_or(backoff, |r| {
+                r.max(Duration::from_millis(100)).min(period.max(r))
+            })
         } else {
             e.failures = 0;
             until(e.schedule.next_after(Utc::now()))
@@ -348,11 +398,22 @@ async fn check(
         Ok(_) => (false, None),
         Err(e) => (true, e.retry_after()),
     };
-    let unchanged = matches!(&result, Ok((_, r)) if r.unchanged || Some(&r.digest) == known.as_ref());
+    let unchanged =
+        matches!(&result, Ok((_, r)) if r.unchanged || Some(&r.digest) == known.as_ref());
     if unchanged && !has_error {
-        return CheckDone { key, version, known, has_error, retry_after, failed };
+        return CheckDone {
+            key,
+            version,
+            known,
+            has_error,
+            retry_after,
+            failed,
+        };
     }
-    match engine.record_import(&tag, &spec, result, Cause::Schedule, false).await {
+    match engine
+        .record_import(&tag, &spec, result, Cause::Schedule, false)
+        .await
+    {
         Ok((stream, _)) => {
             let t = stream.tags.get(&tag.tag);
             CheckDone {
@@ -366,7 +427,14 @@ async fn check(
         }
         Err(e) => {
             tracing::warn!(tag = %tag, error = %e, "cannot record scheduled check");
-            CheckDone { key, version, known, has_error, retry_after, failed: true }
+            CheckDone {
+                key,
+                version,
+                known,
+                has_error,
+                retry_after,
+                failed: true,
+            }
         }
     }
 }
@@ -395,8 +463,13 @@ mod tests {
 
     #[test]
     fn jitter_is_stable_and_spread() {
-        assert_eq!(jitter_fraction("default/a:1"), jitter_fraction("default/a:1"));
-        let fr: Vec<f64> = (0..1000).map(|i| jitter_fraction(&format!("default/s:{i}"))).collect();
+        assert_eq!(
+            jitter_fraction("default/a:1"),
+            jitter_fraction("default/a:1")
+        );
+        let fr: Vec<f64> = (0..1000)
+            .map(|i| jitter_fraction(&format!("default/s:{i}")))
+            .collect();
         assert!(fr.iter().all(|f| (0.0..1.0).contains(f)));
         // spread: each tenth of the period gets a fair share
         for b in 0..10 {

@@ -29,14 +29,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(RegistryClient::new(&config));
     let (engine, rx) = Engine::new(store.clone(), registry, &config);
     let bus = match &config.nats {
-        Some(n) => Bus::Nats(NatsBus::connect(n).await?),
+        Some(n) => Bus::Nats(Box::new(NatsBus::connect(n).await?)),
         None => Bus::InProcess,
     };
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
     let addr = listener.local_addr()?;
-    let (scheduler, sched_handle) = Scheduler::new(engine.clone(), config.schedule.interval.clone(), rx.spec_changes);
+    let (scheduler, sched_handle) = Scheduler::new(
+        engine.clone(),
+        config.schedule.interval.clone(),
+        rx.spec_changes,
+    );
     let triggers = Triggers::new(engine.clone(), &config.triggers, config.delivery.clone());
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
@@ -61,8 +65,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let engine = engine.clone();
         tracker.spawn(async move { engine.import_specs(to_import).await });
     }
-    tracker.spawn(crate::bus::run_publisher(store.clone(), Arc::new(bus), engine.outbox.clone(), cancel.clone()));
-    tracker.spawn(triggers.clone().run_planner(rx.changed_tags, cancel.clone()));
+    tracker.spawn(crate::bus::run_publisher(
+        store.clone(),
+        Arc::new(bus),
+        engine.outbox.clone(),
+        cancel.clone(),
+    ));
+    tracker.spawn(
+        triggers
+            .clone()
+            .run_planner(rx.changed_tags, cancel.clone()),
+    );
     tracker.spawn(triggers.clone().run_deliverer(cancel.clone()));
     tracker.spawn(scheduler.run(cancel.clone()));
     tracker.close();
@@ -71,8 +84,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     cancel.cancel();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
-        tracing::warn!("some tasks did not stop within 10s; pending work resumes at the next start");
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "some tasks did not stop within 10s; pending work resumes at the next start"
+        );
     }
     Ok(())
 }
@@ -81,13 +99,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

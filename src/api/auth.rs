@@ -29,8 +29,7 @@ impl Caller {
             Caller::Local => Ok(()),
             Caller::Token(t) => {
                 let ok = t.scopes.iter().any(|s| {
-                    ns_matches(&s.namespace, namespace)
-                        && (s.verb == verb || s.verb == Verb::Admin)
+                    ns_matches(&s.namespace, namespace) && (s.verb == verb || s.verb == Verb::Admin)
                 });
                 if ok {
                     Ok(())
@@ -71,14 +70,26 @@ fn ns_matches(pattern: &str, ns: &str) -> bool {
 pub fn token_matches(check: &TokenCheck, presented: &str) -> bool {
     match check {
         TokenCheck::Plain(s) => s.expose().as_bytes().ct_eq(presented.as_bytes()).into(),
-        TokenCheck::Sha256(h) => sha2::Sha256::digest(presented.as_bytes()).as_slice().ct_eq(h).into(),
+        TokenCheck::Sha256(h) => sha2::Sha256::digest(presented.as_bytes())
+            .as_slice()
+            .ct_eq(h)
+            .into(),
     }
 }
 
-pub async fn authenticate(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, mut req: Request, next: Next) -> Response {
+pub async fn authenticate(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let caller = if s.config.api_tokens.is_empty() {
         if !peer.ip().is_loopback() && !s.config.server.allow_unauthenticated {
-            return ApiError(StatusCode::FORBIDDEN, "no API tokens are configured: only loopback clients are served".into()).into_response();
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                "no API tokens are configured: only loopback clients are served".into(),
+            )
+            .into_response();
         }
         Caller::Local
     } else {
@@ -86,14 +97,29 @@ pub async fn authenticate(State(s): State<AppState>, ConnectInfo(peer): ConnectI
             .headers()
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim);
         let Some(presented) = presented else {
-            return ApiError(StatusCode::UNAUTHORIZED, "missing Authorization: Bearer <token> (set --token or ISTREAM_TOKEN)".into()).into_response();
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing Authorization: Bearer <token> (set --token or ISTREAM_TOKEN)".into(),
+            )
+            .into_response();
         };
-        match s.config.api_tokens.iter().find(|t| token_matches(&t.check, presented)) {
+        match s
+            .config
+            .api_tokens
+            .iter()
+            .find(|t| token_matches(&t.check, presented))
+        {
             Some(t) => Caller::Token(Arc::new(t.clone())),
-            None => return ApiError(StatusCode::UNAUTHORIZED, "invalid API token".into()).into_response(),
+            None => {
+                return ApiError(StatusCode::UNAUTHORIZED, "invalid API token".into())
+                    .into_response();
+            }
         }
     };
     req.extensions_mut().insert(caller);
@@ -103,11 +129,12 @@ pub async fn authenticate(State(s): State<AppState>, ConnectInfo(peer): ConnectI
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "caller not authenticated".into()))
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "caller not authenticated".into(),
+            )
+        })
     }
 }
 

@@ -79,17 +79,29 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/namespaces/{ns}/imagestreams", get(list_streams))
-        .route("/api/v1/namespaces/{ns}/imagestreams/{name}", get(get_stream).delete(delete_stream))
+        .route(
+            "/api/v1/namespaces/{ns}/imagestreams/{name}",
+            get(get_stream).delete(delete_stream),
+        )
         .route("/api/v1/namespaces/{ns}/imagestreamtags", get(list_tags))
-        .route("/api/v1/namespaces/{ns}/imagestreamtags/{istag}", get(get_tag).delete(delete_tag))
-        .route("/api/v1/namespaces/{ns}/imagestreamimages/{isimage}", get(get_image))
+        .route(
+            "/api/v1/namespaces/{ns}/imagestreamtags/{istag}",
+            get(get_tag).delete(delete_tag),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/imagestreamimages/{isimage}",
+            get(get_image),
+        )
         .route("/api/v1/namespaces/{ns}/import", post(import))
         .route("/api/v1/namespaces/{ns}/tag", post(tag))
         .route("/api/v1/triggers", get(list_triggers))
         .route("/api/v1/triggers/{name}", get(get_trigger))
         .route("/api/v1/triggers/{name}/retry", post(retry_trigger))
         .route("/api/v1/watch", get(watch))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .merge(api)
         .route("/healthz", get(|| async { "ok" }))
@@ -124,7 +136,10 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 async fn metrics() -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::metrics::render(),
     )
         .into_response()
@@ -149,35 +164,75 @@ impl AppState {
     }
 }
 
-async fn list_streams(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>) -> ApiResult<Json<Vec<view::StreamView>>> {
+async fn list_streams(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(ns): Path<String>,
+) -> ApiResult<Json<Vec<view::StreamView>>> {
     let ns = ns_name(&ns)?;
     caller.allow(&ns, Verb::Read)?;
-    let streams = s.engine.store.list(Some(&ns)).await.map_err(CoreError::from)?;
-    Ok(Json(streams.iter().map(|x| view::stream_view(x, s.sched())).collect()))
+    let streams = s
+        .engine
+        .store
+        .list(Some(&ns))
+        .await
+        .map_err(CoreError::from)?;
+    Ok(Json(
+        streams
+            .iter()
+            .map(|x| view::stream_view(x, s.sched()))
+            .collect(),
+    ))
 }
 
-async fn get_stream(State(s): State<AppState>, caller: Caller, Path((ns, name)): Path<(String, String)>) -> ApiResult<Json<view::StreamView>> {
+async fn get_stream(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((ns, name)): Path<(String, String)>,
+) -> ApiResult<Json<view::StreamView>> {
     let n = StreamName::new(&ns, &name)?;
     caller.allow(&ns, Verb::Read)?;
     let stream = s.engine.get_stream(&n).await?;
     Ok(Json(view::stream_view(&stream, s.sched())))
 }
 
-async fn delete_stream(State(s): State<AppState>, caller: Caller, Path((ns, name)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn delete_stream(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((ns, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     let n = StreamName::new(&ns, &name)?;
     caller.allow(&ns, Verb::Tag)?;
     s.engine.delete_stream(&n).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_tags(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>) -> ApiResult<Json<Vec<TagView>>> {
+async fn list_tags(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(ns): Path<String>,
+) -> ApiResult<Json<Vec<TagView>>> {
     let ns = ns_name(&ns)?;
     caller.allow(&ns, Verb::Read)?;
-    let streams = s.engine.store.list(Some(&ns)).await.map_err(CoreError::from)?;
-    Ok(Json(streams.iter().flat_map(|x| view::stream_view(x, s.sched()).tags).collect()))
+    let streams = s
+        .engine
+        .store
+        .list(Some(&ns))
+        .await
+        .map_err(CoreError::from)?;
+    Ok(Json(
+        streams
+            .iter()
+            .flat_map(|x| view::stream_view(x, s.sched()).tags)
+            .collect(),
+    ))
 }
 
-async fn get_tag(State(s): State<AppState>, caller: Caller, Path((ns, istag)): Path<(String, String)>) -> ApiResult<Json<TagView>> {
+async fn get_tag(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((ns, istag)): Path<(String, String)>,
+) -> ApiResult<Json<TagView>> {
     let t = StreamTagRef::parse(&istag, &ns)?;
     caller.allow(&t.stream.namespace, Verb::Read)?;
     Ok(Json(tag_view(&s, &t).await?))
@@ -185,14 +240,24 @@ async fn get_tag(State(s): State<AppState>, caller: Caller, Path((ns, istag)): P
 
 async fn tag_view(s: &AppState, t: &StreamTagRef) -> ApiResult<TagView> {
     let stream = s.engine.get_stream(&t.stream).await.map_err(|e| match e {
-        CoreError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, format!("stream tag {t} not found: image stream {} does not exist", t.stream)),
+        CoreError::NotFound(_) => ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "stream tag {t} not found: image stream {} does not exist",
+                t.stream
+            ),
+        ),
         e => e.into(),
     })?;
     view::tag_view(&stream, &t.tag, s.scheduler.info(&t.to_string()))
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("stream tag {t} not found")))
 }
 
-async fn delete_tag(State(s): State<AppState>, caller: Caller, Path((ns, istag)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn delete_tag(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((ns, istag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     let t = StreamTagRef::parse(&istag, &ns)?;
     caller.allow(&t.stream.namespace, Verb::Tag)?;
     s.engine.delete_tags(&ns, &[istag]).await?;
@@ -218,15 +283,24 @@ struct ImageTagRef {
     current: bool,
 }
 
-async fn get_image(State(s): State<AppState>, caller: Caller, Path((ns, isimage)): Path<(String, String)>) -> ApiResult<Json<ImageView>> {
+async fn get_image(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((ns, isimage)): Path<(String, String)>,
+) -> ApiResult<Json<ImageView>> {
     let r = StreamImageRef::parse(&isimage, &ns)?;
     caller.allow(&r.stream.namespace, Verb::Read)?;
     let stream = s.engine.get_stream(&r.stream).await?;
-    let e = stream.find_image(&r.digest_prefix).map_err(|m| ApiError(StatusCode::NOT_FOUND, m))?;
+    let e = stream
+        .find_image(&r.digest_prefix)
+        .map_err(|m| ApiError(StatusCode::NOT_FOUND, m))?;
     let mut tags = Vec::new();
     for (name, t) in &stream.tags {
         if let Some(pos) = t.history.iter().position(|h| h.digest == e.digest) {
-            tags.push(ImageTagRef { tag: name.clone(), current: pos == 0 });
+            tags.push(ImageTagRef {
+                tag: name.clone(),
+                current: pos == 0,
+            });
         }
     }
     Ok(Json(ImageView {
@@ -282,7 +356,12 @@ async fn results(s: &AppState, outcomes: Vec<Outcome>) -> ApiResult<Json<Operati
         let view = tag_view(s, &o.tag).await.ok();
         results.push(ResultView {
             tag: o.tag.to_string(),
-            status: if o.error.is_none() { "Success" } else { "Failure" }.into(),
+            status: if o.error.is_none() {
+                "Success"
+            } else {
+                "Failure"
+            }
+            .into(),
             reason: o.error.as_ref().map(|e| e.reason().to_string()),
             message: o.error.as_ref().map(|e| e.to_string()),
             view,
@@ -291,8 +370,18 @@ async fn results(s: &AppState, outcomes: Vec<Outcome>) -> ApiResult<Json<Operati
     Ok(Json(OperationView { results }))
 }
 
-async fn import(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>, body: Result<Json<ImportBody>, axum::extract::rejection::JsonRejection>) -> ApiResult<Json<OperationView>> {
-    let Json(b) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("import request body: {}", e.body_text())))?;
+async fn import(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(ns): Path<String>,
+    body: Result<Json<ImportBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Json<OperationView>> {
+    let Json(b) = body.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("import request body: {}", e.body_text()),
+        )
+    })?;
     let ns = ns_name(&ns)?;
     let t = StreamTagRef::parse(&b.name, &ns)?;
     caller.allow(&t.stream.namespace, Verb::Import)?;
@@ -328,13 +417,31 @@ pub struct TagBody {
     pub platform: Option<String>,
 }
 
-async fn tag(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>, body: Result<Json<TagBody>, axum::extract::rejection::JsonRejection>) -> ApiResult<Json<OperationView>> {
-    let Json(b) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("tag request body: {}", e.body_text())))?;
+async fn tag(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(ns): Path<String>,
+    body: Result<Json<TagBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Json<OperationView>> {
+    let Json(b) = body.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("tag request body: {}", e.body_text()),
+        )
+    })?;
     let ns = ns_name(&ns)?;
-    let kind = b.source_kind.unwrap_or_else(|| crate::core::infer_source_kind(&b.source));
+    let kind = b
+        .source_kind
+        .unwrap_or_else(|| crate::core::infer_source_kind(&b.source));
     match kind {
-        SourceKind::Istag => caller.allow(&StreamTagRef::parse(&b.source, &ns)?.stream.namespace, Verb::Read)?,
-        SourceKind::Isimage => caller.allow(&StreamImageRef::parse(&b.source, &ns)?.stream.namespace, Verb::Read)?,
+        SourceKind::Istag => caller.allow(
+            &StreamTagRef::parse(&b.source, &ns)?.stream.namespace,
+            Verb::Read,
+        )?,
+        SourceKind::Isimage => caller.allow(
+            &StreamImageRef::parse(&b.source, &ns)?.stream.namespace,
+            Verb::Read,
+        )?,
         SourceKind::Docker => {}
     }
     for d in &b.dests {
@@ -358,18 +465,35 @@ async fn tag(State(s): State<AppState>, caller: Caller, Path(ns): Path<String>, 
     results(&s, outcomes).await
 }
 
-async fn list_triggers(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<crate::trigger::TriggerView>>> {
+async fn list_triggers(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<crate::trigger::TriggerView>>> {
     caller.allow("*", Verb::Read)?;
     Ok(Json(s.triggers.views(None).await.map_err(CoreError::from)?))
 }
 
-async fn get_trigger(State(s): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<crate::trigger::TriggerView>> {
+async fn get_trigger(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::trigger::TriggerView>> {
     caller.allow("*", Verb::Read)?;
-    let mut v = s.triggers.views(Some(&name)).await.map_err(CoreError::from)?;
-    v.pop().map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("trigger {name} not found")))
+    let mut v = s
+        .triggers
+        .views(Some(&name))
+        .await
+        .map_err(CoreError::from)?;
+    v.pop()
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("trigger {name} not found")))
 }
 
-async fn retry_trigger(State(s): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn retry_trigger(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     caller.allow("*", Verb::Admin)?;
     let n = s.triggers.retry(&name).await?;
     Ok(Json(serde_json::json!({ "trigger": name, "requeued": n })))
@@ -382,7 +506,11 @@ struct WatchQuery {
     tag: Option<String>,
 }
 
-async fn watch(State(s): State<AppState>, caller: Caller, Query(q): Query<WatchQuery>) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+async fn watch(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<WatchQuery>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let ns = q.namespace.clone().unwrap_or_else(|| "default".into());
     caller.allow(&ns, Verb::Read)?;
     let rx = s.engine.events.subscribe();
@@ -395,7 +523,10 @@ async fn watch(State(s): State<AppState>, caller: Caller, Query(q): Query<WatchQ
             return None;
         }
         let json = serde_json::to_string(&e).ok()?;
-        Some(Ok(SseEvent::default().event(e.kind.clone()).id(e.id.clone()).data(json)))
+        Some(Ok(SseEvent::default()
+            .event(e.kind.clone())
+            .id(e.id.clone())
+            .data(json)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

@@ -17,7 +17,9 @@ use crate::store::Store;
 /// stop the engine at start.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("NATS server at {url} is version {version}; istream needs nats-server 2.10 or newer for JetStream")]
+    #[error(
+        "NATS server at {url} is version {version}; istream needs nats-server 2.10 or newer for JetStream"
+    )]
     TooOld { url: String, version: String },
     #[error("NATS at {url}: {detail}")]
     Setup { url: String, detail: String },
@@ -27,7 +29,7 @@ pub enum BusError {
 
 pub enum Bus {
     InProcess,
-    Nats(NatsBus),
+    Nats(Box<NatsBus>),
 }
 
 pub struct NatsBus {
@@ -38,7 +40,10 @@ pub struct NatsBus {
 
 /// `major.minor` at least 2.10.
 pub fn version_ok(v: &str) -> bool {
-    let mut parts = v.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u64>().unwrap_or(0));
+    let mut parts = v
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     (major, minor) >= (2, 10)
 }
@@ -48,7 +53,10 @@ impl NatsBus {
     /// server is not fatal (the client keeps reconnecting; events wait in the outbox), an old
     /// server is.
     pub async fn connect(cfg: &NatsConfig) -> Result<NatsBus, BusError> {
-        let setup = |detail: String| BusError::Setup { url: cfg.url.clone(), detail };
+        let setup = |detail: String| BusError::Setup {
+            url: cfg.url.clone(),
+            detail,
+        };
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
@@ -67,7 +75,10 @@ impl NatsBus {
         if connected {
             let version = client.server_info().version;
             if !version_ok(&version) {
-                return Err(BusError::TooOld { url: cfg.url.clone(), version });
+                return Err(BusError::TooOld {
+                    url: cfg.url.clone(),
+                    version,
+                });
             }
         } else {
             tracing::warn!(url = %cfg.url, "NATS is not reachable yet; events wait in the outbox until it is");
@@ -81,12 +92,19 @@ impl NatsBus {
         } else {
             None
         };
-        Ok(NatsBus { cfg: cfg.clone(), client, js })
+        Ok(NatsBus {
+            cfg: cfg.clone(),
+            client,
+            js,
+        })
     }
 
     async fn publish(&self, e: &Event, stream_ready: &mut bool) -> Result<(), BusError> {
         let subject = e.subject(&self.cfg.subject_prefix);
-        let unavailable = |detail: String| BusError::Unavailable { subject: subject.clone(), detail };
+        let unavailable = |detail: String| BusError::Unavailable {
+            subject: subject.clone(),
+            detail,
+        };
         let payload = serde_json::to_vec(e).map_err(|x| unavailable(x.to_string()))?;
         match &self.js {
             Some(js) => {
@@ -114,7 +132,10 @@ impl NatsBus {
     }
 }
 
-async fn ensure_stream(js: &async_nats::jetstream::Context, cfg: &NatsConfig) -> Result<(), String> {
+async fn ensure_stream(
+    js: &async_nats::jetstream::Context,
+    cfg: &NatsConfig,
+) -> Result<(), String> {
     let config = async_nats::jetstream::stream::Config {
         name: cfg.stream.clone(),
         subjects: vec![format!("{}.>", cfg.subject_prefix)],
@@ -132,7 +153,12 @@ async fn ensure_stream(js: &async_nats::jetstream::Context, cfg: &NatsConfig) ->
 
 /// Drains the outbox to the bus, in order; stops at the first failure and retries with
 /// backoff, so per-tag order holds and nothing is skipped.
-pub async fn run_publisher(store: Store, bus: Arc<Bus>, wake: Arc<tokio::sync::Notify>, cancel: CancellationToken) {
+pub async fn run_publisher(
+    store: Store,
+    bus: Arc<Bus>,
+    wake: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut stream_ready = matches!(&*bus, Bus::Nats(n) if n.js.is_none());
     loop {
@@ -152,7 +178,14 @@ pub async fn run_publisher(store: Store, bus: Arc<Bus>, wake: Arc<tokio::sync::N
             };
             match res {
                 Ok(()) => {
-                    crate::metrics::event_published(if matches!(&*bus, Bus::InProcess) { "inprocess" } else { "nats" }, &e.kind);
+                    crate::metrics::event_published(
+                        if matches!(&*bus, Bus::InProcess) {
+                            "inprocess"
+                        } else {
+                            "nats"
+                        },
+                        &e.kind,
+                    );
                     published.push(*seq);
                 }
                 Err(err) => {

@@ -22,15 +22,22 @@ impl Client {
     pub fn new(server: &str, token: Option<&str>) -> Result<Client, CliError> {
         crate::registry::install_crypto();
         let base = server.trim_end_matches('/').to_string();
-        let u = reqwest::Url::parse(&base).map_err(|e| CliError::Usage(format!("--server {server}: {e}")))?;
+        let u = reqwest::Url::parse(&base)
+            .map_err(|e| CliError::Usage(format!("--server {server}: {e}")))?;
         if !matches!(u.scheme(), "http" | "https") {
-            return Err(CliError::Usage(format!("--server {server}: must be an http(s) URL")));
+            return Err(CliError::Usage(format!(
+                "--server {server}: must be an http(s) URL"
+            )));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
             .map_err(|e| CliError::Failed(e.to_string()))?;
-        Ok(Client { base, http, token: token.filter(|t| !t.is_empty()).map(str::to_string) })
+        Ok(Client {
+            base,
+            http,
+            token: token.filter(|t| !t.is_empty()).map(str::to_string),
+        })
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -49,7 +56,10 @@ impl Client {
         ))
     }
 
-    async fn finish(&self, resp: Result<reqwest::Response, reqwest::Error>) -> Result<reqwest::Response, CliError> {
+    async fn finish(
+        &self,
+        resp: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<reqwest::Response, CliError> {
         let resp = resp.map_err(|e| self.unreachable(&e))?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -65,21 +75,46 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        let resp = self.finish(self.req(reqwest::Method::GET, path).send().await).await?;
-        resp.json().await.map_err(|e| CliError::Failed(format!("unreadable answer from the engine: {e}")))
+        let resp = self
+            .finish(self.req(reqwest::Method::GET, path).send().await)
+            .await?;
+        resp.json()
+            .await
+            .map_err(|e| CliError::Failed(format!("unreadable answer from the engine: {e}")))
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, CliError> {
-        let resp = self.finish(self.req(reqwest::Method::POST, path).json(body).send().await).await?;
-        resp.json().await.map_err(|e| CliError::Failed(format!("unreadable answer from the engine: {e}")))
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
+        let resp = self
+            .finish(
+                self.req(reqwest::Method::POST, path)
+                    .json(body)
+                    .send()
+                    .await,
+            )
+            .await?;
+        resp.json()
+            .await
+            .map_err(|e| CliError::Failed(format!("unreadable answer from the engine: {e}")))
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
-        self.finish(self.req(reqwest::Method::DELETE, path).send().await).await.map(|_| ())
+        self.finish(self.req(reqwest::Method::DELETE, path).send().await)
+            .await
+            .map(|_| ())
     }
 
     /// Opens a server-sent event stream.
     pub async fn stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
-        self.finish(self.req(reqwest::Method::GET, path).header("accept", "text/event-stream").send().await).await
+        self.finish(
+            self.req(reqwest::Method::GET, path)
+                .header("accept", "text/event-stream")
+                .send()
+                .await,
+        )
+        .await
     }
 }

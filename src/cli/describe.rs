@@ -29,7 +29,9 @@ fn until(t: DateTime<Utc>) -> String {
 
 pub fn source_line(t: &TagView) -> String {
     match &t.spec.from {
-        TagFrom::Image(r) if t.spec.scheduled && !r.contains('@') => format!("updates automatically from registry {r}"),
+        TagFrom::Image(r) if t.spec.scheduled && !r.contains('@') => {
+            format!("updates automatically from registry {r}")
+        }
         TagFrom::Image(r) => format!("tagged from {r}"),
         TagFrom::Tag(s) if t.spec.alias => format!("tagged from {s} (alias: follows every change)"),
         TagFrom::Tag(s) => format!("tagged from {s}"),
@@ -39,20 +41,30 @@ pub fn source_line(t: &TagView) -> String {
 
 pub async fn run(c: &Client, ns: &str, what: &str) -> Result<(), CliError> {
     let usage = |m: String| CliError::Usage(m);
-    let (kind, name) = what
-        .split_once('/')
-        .ok_or_else(|| usage(format!("\"{what}\": expected is/NAME, istag/NAME:TAG or isimage/NAME@DIGEST")))?;
+    let (kind, name) = what.split_once('/').ok_or_else(|| {
+        usage(format!(
+            "\"{what}\": expected is/NAME, istag/NAME:TAG or isimage/NAME@DIGEST"
+        ))
+    })?;
     match kind {
         "is" | "imagestream" | "imagestreams" => {
             let n = StreamName::parse(name, ns).map_err(|e| usage(e.to_string()))?;
-            let s: StreamView = c.get(&format!("/api/v1/namespaces/{}/imagestreams/{}", n.namespace, n.name)).await?;
+            let s: StreamView = c
+                .get(&format!(
+                    "/api/v1/namespaces/{}/imagestreams/{}",
+                    n.namespace, n.name
+                ))
+                .await?;
             print!("{}", stream_text(&s));
             Ok(())
         }
         "istag" | "imagestreamtag" | "imagestreamtags" => {
             let t = StreamTagRef::parse(name, ns).map_err(|e| usage(e.to_string()))?;
             let v: TagView = c
-                .get(&format!("/api/v1/namespaces/{}/imagestreamtags/{}:{}", t.stream.namespace, t.stream.name, t.tag))
+                .get(&format!(
+                    "/api/v1/namespaces/{}/imagestreamtags/{}:{}",
+                    t.stream.namespace, t.stream.name, t.tag
+                ))
                 .await?;
             print!("{}", tag_text(&v));
             Ok(())
@@ -60,30 +72,66 @@ pub async fn run(c: &Client, ns: &str, what: &str) -> Result<(), CliError> {
         "isimage" | "imagestreamimage" | "imagestreamimages" => {
             let r = StreamImageRef::parse(name, ns).map_err(|e| usage(e.to_string()))?;
             let v: serde_json::Value = c
-                .get(&format!("/api/v1/namespaces/{}/imagestreamimages/{}@{}", r.stream.namespace, r.stream.name, r.digest_prefix))
+                .get(&format!(
+                    "/api/v1/namespaces/{}/imagestreamimages/{}@{}",
+                    r.stream.namespace, r.stream.name, r.digest_prefix
+                ))
                 .await?;
-            println!("Name:\t\t{}@{}", v["stream"].as_str().unwrap_or(""), v["digest"].as_str().unwrap_or(""));
+            println!(
+                "Name:\t\t{}@{}",
+                v["stream"].as_str().unwrap_or(""),
+                v["digest"].as_str().unwrap_or("")
+            );
             println!("Namespace:\t{}", v["namespace"].as_str().unwrap_or(""));
             println!("Image Name:\t{}", v["digest"].as_str().unwrap_or(""));
             println!("Docker Image:\t{}", v["image"].as_str().unwrap_or(""));
-            if let Some(c) = v["created"].as_str().and_then(|s| s.parse::<DateTime<Utc>>().ok()) {
+            if let Some(c) = v["created"]
+                .as_str()
+                .and_then(|s| s.parse::<DateTime<Utc>>().ok())
+            {
                 println!("Created:\t{} ({})", ago(c), c.to_rfc3339());
             }
             if let Some(m) = v["media_type"].as_str() {
                 println!("Media Type:\t{m}");
             }
-            let platforms: Vec<&str> = v["platforms"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+            let platforms: Vec<&str> = v["platforms"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
             if !platforms.is_empty() {
                 println!("Platforms:\t{}", platforms.join(", "));
             }
             let tags: Vec<String> = v["tags"]
                 .as_array()
-                .map(|a| a.iter().map(|t| format!("{}{}", t["tag"].as_str().unwrap_or(""), if t["current"].as_bool() == Some(true) { " (current)" } else { "" })).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|t| {
+                            format!(
+                                "{}{}",
+                                t["tag"].as_str().unwrap_or(""),
+                                if t["current"].as_bool() == Some(true) {
+                                    " (current)"
+                                } else {
+                                    ""
+                                }
+                            )
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
-            println!("Tags:\t\t{}", if tags.is_empty() { "<none>".into() } else { tags.join(", ") });
+            println!(
+                "Tags:\t\t{}",
+                if tags.is_empty() {
+                    "<none>".into()
+                } else {
+                    tags.join(", ")
+                }
+            );
             Ok(())
         }
-        other => Err(usage(format!("unknown kind \"{other}\": use is, istag or isimage"))),
+        other => Err(usage(format!(
+            "unknown kind \"{other}\": use is, istag or isimage"
+        ))),
     }
 }
 
@@ -93,7 +141,11 @@ pub fn stream_text(s: &StreamView) -> String {
     o += &format!("Namespace:\t\t{}\n", s.namespace);
     o += &format!("Created:\t\t{}\n", ago(s.created));
     o += &format!("Generation:\t\t{}\n", s.generation);
-    let updated = s.tags.iter().filter_map(|t| t.history.first().map(|h| h.created)).max();
+    let updated = s
+        .tags
+        .iter()
+        .filter_map(|t| t.history.first().map(|h| h.created))
+        .max();
     if let Some(u) = updated {
         o += &format!("Image Updated:\t\t{}\n", ago(u));
     }
@@ -116,8 +168,17 @@ pub fn stream_text(s: &StreamView) -> String {
             o += &format!("  {} {}\n", if i == 0 { "*" } else { " " }, h.image);
             o += &format!("      {} ({})\n", ago(h.created), h.cause.as_str());
         }
-        if let Some(c) = t.conditions.iter().find(|c| c.kind == "ImportSuccess" && c.status == "False") {
-            o += &format!("  ! error: Import failed ({}): {}\n      {}\n", c.reason, c.message, ago(c.time));
+        if let Some(c) = t
+            .conditions
+            .iter()
+            .find(|c| c.kind == "ImportSuccess" && c.status == "False")
+        {
+            o += &format!(
+                "  ! error: Import failed ({}): {}\n      {}\n",
+                c.reason,
+                c.message,
+                ago(c.time)
+            );
         }
     }
     o
@@ -130,7 +191,11 @@ pub fn tag_text(v: &TagView) -> String {
     o += &format!("Source:\t\t{}\n", source_line(v));
     match v.history.first() {
         Some(h) => {
-            o += &format!("Created:\t{} ({})\n", ago(h.created), h.created.to_rfc3339());
+            o += &format!(
+                "Created:\t{} ({})\n",
+                ago(h.created),
+                h.created.to_rfc3339()
+            );
             o += &format!("Image Name:\t{}\n", h.digest);
             o += &format!("Docker Image:\t{}\n", h.image);
             if let Some(m) = &h.media_type {
@@ -150,10 +215,22 @@ pub fn tag_text(v: &TagView) -> String {
     if v.spec.scheduled {
         o += &format!(
             "Scheduled:\tyes{}\n",
-            v.spec.schedule.as_ref().map(|s| format!(" ({s})")).unwrap_or_default()
+            v.spec
+                .schedule
+                .as_ref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default()
         );
-        o += &format!("Last Checked:\t{}\n", v.last_checked.map(ago).unwrap_or_else(|| "not yet".into()));
-        o += &format!("Next Check:\t{}\n", v.next_due.map(|n| format!("{} ({})", until(n), n.to_rfc3339())).unwrap_or_else(|| "unknown".into()));
+        o += &format!(
+            "Last Checked:\t{}\n",
+            v.last_checked.map(ago).unwrap_or_else(|| "not yet".into())
+        );
+        o += &format!(
+            "Next Check:\t{}\n",
+            v.next_due
+                .map(|n| format!("{} ({})", until(n), n.to_rfc3339()))
+                .unwrap_or_else(|| "unknown".into())
+        );
     }
     if let Some(p) = v.last_push {
         o += &format!("Last Push:\t{}\n", ago(p));
@@ -162,7 +239,14 @@ pub fn tag_text(v: &TagView) -> String {
         o += &format!("History:\t{} images\n", v.history.len());
     }
     for c in &v.conditions {
-        o += &format!("Condition:\t{}={} {}: {} ({})\n", c.kind, c.status, c.reason, c.message, ago(c.time));
+        o += &format!(
+            "Condition:\t{}={} {}: {} ({})\n",
+            c.kind,
+            c.status,
+            c.reason,
+            c.message,
+            ago(c.time)
+        );
     }
     o
 }

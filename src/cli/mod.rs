@@ -13,19 +13,34 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::core::SourceKind;
 use crate::model::{ImageRef, StreamImageRef, StreamTagRef};
-use client::{Client, CliError};
+use client::{CliError, Client};
 
 #[derive(Parser, Debug)]
-#[command(name = "istream", version, about = "Image streams and image change triggers for any registry and any CI")]
+#[command(
+    name = "istream",
+    version,
+    about = "Image streams and image change triggers for any registry and any CI"
+)]
 pub struct Cli {
     /// Address of the engine's API.
-    #[arg(long, global = true, env = "ISTREAM_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "ISTREAM_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// API token (sent as Authorization: Bearer).
     #[arg(long, global = true, env = "ISTREAM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Namespace of names given without one.
-    #[arg(short = 'n', long, global = true, env = "ISTREAM_NAMESPACE", default_value = "default")]
+    #[arg(
+        short = 'n',
+        long,
+        global = true,
+        env = "ISTREAM_NAMESPACE",
+        default_value = "default"
+    )]
     pub namespace: String,
     /// Output format: wide, json or yaml (where the verb prints objects).
     #[arg(short = 'o', long = "output", global = true)]
@@ -140,7 +155,10 @@ pub fn main() -> ExitCode {
         eprintln!("error: -o {o}: output format must be wide, json or yaml");
         return ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -184,28 +202,62 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 "name": a.name, "from": a.from, "confirm": a.confirm, "all": a.all,
                 "scheduled": a.scheduled, "insecure": a.insecure, "platform": a.platform,
             });
-            let op: crate::api::OperationView = c.post(&format!("/api/v1/namespaces/{ns}/import"), &body).await?;
+            let op: crate::api::OperationView = c
+                .post(&format!("/api/v1/namespaces/{ns}/import"), &body)
+                .await?;
             output::operation(&op, out.as_deref(), &ns, "import")
         }
         Command::Tag(a) => tag(&cli.server, cli.token.as_deref(), &ns, out.as_deref(), a).await,
-        Command::Describe { what } => describe::run(&Client::new(&cli.server, cli.token.as_deref())?, &ns, &what).await,
-        Command::Get { kind, name } => output::get(&Client::new(&cli.server, cli.token.as_deref())?, &ns, &kind, name.as_deref(), out.as_deref()).await,
-        Command::Watch { name } => output::watch(&Client::new(&cli.server, cli.token.as_deref())?, &ns, name.as_deref(), out.as_deref()).await,
-        Command::Triggers { args } => output::triggers(&Client::new(&cli.server, cli.token.as_deref())?, &args, out.as_deref()).await,
+        Command::Describe { what } => {
+            describe::run(&Client::new(&cli.server, cli.token.as_deref())?, &ns, &what).await
+        }
+        Command::Get { kind, name } => {
+            output::get(
+                &Client::new(&cli.server, cli.token.as_deref())?,
+                &ns,
+                &kind,
+                name.as_deref(),
+                out.as_deref(),
+            )
+            .await
+        }
+        Command::Watch { name } => {
+            output::watch(
+                &Client::new(&cli.server, cli.token.as_deref())?,
+                &ns,
+                name.as_deref(),
+                out.as_deref(),
+            )
+            .await
+        }
+        Command::Triggers { args } => {
+            output::triggers(
+                &Client::new(&cli.server, cli.token.as_deref())?,
+                &args,
+                out.as_deref(),
+            )
+            .await
+        }
     }
 }
 
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
     init_logging(&args.log_format);
-    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config=")) || std::env::var_os("ISTREAM_CONFIG").is_some();
-    let config = crate::config::Config::load(&args.config, explicit).map_err(|e| CliError::Failed(e.to_string()))?;
-    crate::serve::run(config).await.map_err(|e| CliError::Failed(format!("{e:#}")))
+    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="))
+        || std::env::var_os("ISTREAM_CONFIG").is_some();
+    let config = crate::config::Config::load(&args.config, explicit)
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    crate::serve::run(config)
+        .await
+        .map_err(|e| CliError::Failed(format!("{e:#}")))
 }
 
 fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         let _ = builder.json().flatten_event(true).try_init();
     } else {
@@ -213,7 +265,13 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn tag(server: &str, token: Option<&str>, ns: &str, out: Option<&str>, a: TagArgs) -> Result<(), CliError> {
+async fn tag(
+    server: &str,
+    token: Option<&str>,
+    ns: &str,
+    out: Option<&str>,
+    a: TagArgs,
+) -> Result<(), CliError> {
     if a.delete {
         if a.alias || a.scheduled || a.insecure || a.source.is_some() || a.platform.is_some() {
             return Err(usage("-d takes only the tags to delete"));
@@ -234,7 +292,9 @@ async fn tag(server: &str, token: Option<&str>, ns: &str, out: Option<&str>, a: 
         return Ok(());
     }
     if a.args.len() < 2 {
-        return Err(usage("tag needs SOURCE and at least one DEST (or -d DEST...)"));
+        return Err(usage(
+            "tag needs SOURCE and at least one DEST (or -d DEST...)",
+        ));
     }
     let source = a.args[0].clone();
     let dests = a.args[1..].to_vec();
@@ -259,7 +319,9 @@ async fn tag(server: &str, token: Option<&str>, ns: &str, out: Option<&str>, a: 
         StreamTagRef::parse(d, ns).map_err(usage)?;
     }
     if kind != SourceKind::Docker && (a.scheduled || a.insecure || a.platform.is_some()) {
-        return Err(usage("--scheduled, --insecure and --platform apply only to external images (--source=docker)"));
+        return Err(usage(
+            "--scheduled, --insecure and --platform apply only to external images (--source=docker)",
+        ));
     }
     if a.alias {
         if kind != SourceKind::Istag {
@@ -269,7 +331,9 @@ async fn tag(server: &str, token: Option<&str>, ns: &str, out: Option<&str>, a: 
         for d in &dests {
             let d = StreamTagRef::parse(d, ns).map_err(usage)?;
             if d.stream != src.stream {
-                return Err(usage(format!("--alias works only within one stream: {src} and {d} differ")));
+                return Err(usage(format!(
+                    "--alias works only within one stream: {src} and {d} differ"
+                )));
             }
         }
     }
@@ -281,27 +345,55 @@ async fn tag(server: &str, token: Option<&str>, ns: &str, out: Option<&str>, a: 
         "source": source, "source_kind": kind, "dests": dests, "alias": a.alias,
         "scheduled": a.scheduled, "insecure": a.insecure, "platform": a.platform,
     });
-    let op: crate::api::OperationView = c.post(&format!("/api/v1/namespaces/{ns}/tag"), &body).await?;
+    let op: crate::api::OperationView = c
+        .post(&format!("/api/v1/namespaces/{ns}/tag"), &body)
+        .await?;
     if out.is_some() {
         return output::operation(&op, out, ns, "tag");
     }
     let mut failed = Vec::new();
     for r in &op.results {
-        let name = StreamTagRef::parse(&r.tag, ns).map(|t| t.display_in(ns)).unwrap_or(r.tag.clone());
+        let name = StreamTagRef::parse(&r.tag, ns)
+            .map(|t| t.display_in(ns))
+            .unwrap_or(r.tag.clone());
         if r.status != "Success" {
-            failed.push(format!("{name}: {} ({})", r.message.clone().unwrap_or_default(), r.reason.clone().unwrap_or_default()));
+            failed.push(format!(
+                "{name}: {} ({})",
+                r.message.clone().unwrap_or_default(),
+                r.reason.clone().unwrap_or_default()
+            ));
             continue;
         }
-        match (kind, a.alias, r.view.as_ref().and_then(|v| v.digest.clone())) {
+        match (
+            kind,
+            a.alias,
+            r.view.as_ref().and_then(|v| v.digest.clone()),
+        ) {
             (SourceKind::Istag, true, _) => println!("Tag {name} set up to track {source}."),
-            (SourceKind::Docker, _, Some(d)) => println!("Tag {name} set to {source} ({d}){}.", if a.scheduled { ", importing periodically" } else { "" }),
-            (_, _, Some(d)) => println!("Tag {name} set to {}@{d}.", r.view.as_ref().map(|v| v.stream.clone()).unwrap_or_default()),
+            (SourceKind::Docker, _, Some(d)) => println!(
+                "Tag {name} set to {source} ({d}){}.",
+                if a.scheduled {
+                    ", importing periodically"
+                } else {
+                    ""
+                }
+            ),
+            (_, _, Some(d)) => println!(
+                "Tag {name} set to {}@{d}.",
+                r.view
+                    .as_ref()
+                    .map(|v| v.stream.clone())
+                    .unwrap_or_default()
+            ),
             (_, _, None) => println!("Tag {name} set to {source}."),
         }
     }
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(CliError::Failed(format!("import failed for {}", failed.join("; "))))
+        Err(CliError::Failed(format!(
+            "import failed for {}",
+            failed.join("; ")
+        )))
     }
 }

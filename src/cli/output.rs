@@ -14,7 +14,10 @@ pub fn print_value<T: serde::Serialize>(v: &T, format: Option<&str>) -> Result<(
     let json = serde_json::to_value(v).map_err(|e| CliError::Failed(e.to_string()))?;
     match format {
         Some("yaml") => print!("{}", to_yaml(&json)),
-        _ => println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default()),
+        _ => println!(
+            "{}",
+            serde_json::to_string_pretty(&json).unwrap_or_default()
+        ),
     }
     Ok(())
 }
@@ -72,14 +75,25 @@ pub fn to_yaml(v: &serde_json::Value) -> String {
 }
 
 /// Prints import/tag results; exit 1 when any tag's import failed.
-pub fn operation(op: &OperationView, format: Option<&str>, ns: &str, verb: &str) -> Result<(), CliError> {
+pub fn operation(
+    op: &OperationView,
+    format: Option<&str>,
+    ns: &str,
+    verb: &str,
+) -> Result<(), CliError> {
     let failed: Vec<String> = op
         .results
         .iter()
         .filter(|r| r.status != "Success")
         .map(|r| {
-            let name = StreamTagRef::parse(&r.tag, ns).map(|t| t.display_in(ns)).unwrap_or(r.tag.clone());
-            format!("{name}: {} ({})", r.message.clone().unwrap_or_default(), r.reason.clone().unwrap_or_default())
+            let name = StreamTagRef::parse(&r.tag, ns)
+                .map(|t| t.display_in(ns))
+                .unwrap_or(r.tag.clone());
+            format!(
+                "{name}: {} ({})",
+                r.message.clone().unwrap_or_default(),
+                r.reason.clone().unwrap_or_default()
+            )
         })
         .collect();
     match format {
@@ -95,7 +109,12 @@ pub fn operation(op: &OperationView, format: Option<&str>, ns: &str, verb: &str)
             for r in &op.results {
                 let Some(v) = &r.view else { continue };
                 if r.status == "Success" {
-                    println!("{verb}: {}:{} now points at {}", v.stream, v.tag, v.image.clone().unwrap_or_default());
+                    println!(
+                        "{verb}: {}:{} now points at {}",
+                        v.stream,
+                        v.tag,
+                        v.image.clone().unwrap_or_default()
+                    );
                 }
                 if op.results.len() == 1 {
                     println!();
@@ -111,24 +130,41 @@ pub fn operation(op: &OperationView, format: Option<&str>, ns: &str, verb: &str)
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(CliError::Failed(format!("{verb} failed for {}", failed.join("; "))))
+        Err(CliError::Failed(format!(
+            "{verb} failed for {}",
+            failed.join("; ")
+        )))
     }
 }
 
-pub async fn get(c: &Client, ns: &str, kind: &str, name: Option<&str>, format: Option<&str>) -> Result<(), CliError> {
+pub async fn get(
+    c: &Client,
+    ns: &str,
+    kind: &str,
+    name: Option<&str>,
+    format: Option<&str>,
+) -> Result<(), CliError> {
     let usage = |m: String| CliError::Usage(m);
     match kind {
         "is" | "imagestream" | "imagestreams" => {
             let streams: Vec<StreamView> = match name {
                 Some(n) => {
                     let sn = StreamName::parse(n, ns).map_err(|e| usage(e.to_string()))?;
-                    let s: StreamView = c.get(&format!("/api/v1/namespaces/{}/imagestreams/{}", sn.namespace, sn.name)).await?;
+                    let s: StreamView = c
+                        .get(&format!(
+                            "/api/v1/namespaces/{}/imagestreams/{}",
+                            sn.namespace, sn.name
+                        ))
+                        .await?;
                     if matches!(format, Some("json") | Some("yaml")) {
                         return print_value(&s, format);
                     }
                     vec![s]
                 }
-                None => c.get(&format!("/api/v1/namespaces/{ns}/imagestreams")).await?,
+                None => {
+                    c.get(&format!("/api/v1/namespaces/{ns}/imagestreams"))
+                        .await?
+                }
             };
             if matches!(format, Some("json") | Some("yaml")) {
                 return print_value(&streams, format);
@@ -139,10 +175,18 @@ pub async fn get(c: &Client, ns: &str, kind: &str, name: Option<&str>, format: O
                 rows[0].push("GENERATION".into());
             }
             for s in &streams {
-                let updated = s.tags.iter().filter_map(|t| t.history.first().map(|h| h.created)).max();
+                let updated = s
+                    .tags
+                    .iter()
+                    .filter_map(|t| t.history.first().map(|h| h.created))
+                    .max();
                 let mut row = vec![
                     s.name.clone(),
-                    s.tags.iter().map(|t| t.tag.clone()).collect::<Vec<_>>().join(","),
+                    s.tags
+                        .iter()
+                        .map(|t| t.tag.clone())
+                        .collect::<Vec<_>>()
+                        .join(","),
                     updated.map(ago).unwrap_or_default(),
                 ];
                 if wide {
@@ -158,20 +202,30 @@ pub async fn get(c: &Client, ns: &str, kind: &str, name: Option<&str>, format: O
                 Some(n) => {
                     let t = StreamTagRef::parse(n, ns).map_err(|e| usage(e.to_string()))?;
                     let v: TagView = c
-                        .get(&format!("/api/v1/namespaces/{}/imagestreamtags/{}:{}", t.stream.namespace, t.stream.name, t.tag))
+                        .get(&format!(
+                            "/api/v1/namespaces/{}/imagestreamtags/{}:{}",
+                            t.stream.namespace, t.stream.name, t.tag
+                        ))
                         .await?;
                     if matches!(format, Some("json") | Some("yaml")) {
                         return print_value(&v, format);
                     }
                     vec![v]
                 }
-                None => c.get(&format!("/api/v1/namespaces/{ns}/imagestreamtags")).await?,
+                None => {
+                    c.get(&format!("/api/v1/namespaces/{ns}/imagestreamtags"))
+                        .await?
+                }
             };
             if matches!(format, Some("json") | Some("yaml")) {
                 return print_value(&tags, format);
             }
             let wide = format == Some("wide");
-            let mut rows = vec![vec!["NAME".to_string(), "IMAGE REFERENCE".into(), "UPDATED".into()]];
+            let mut rows = vec![vec![
+                "NAME".to_string(),
+                "IMAGE REFERENCE".into(),
+                "UPDATED".into(),
+            ]];
             if wide {
                 rows[0].extend(["SOURCE".to_string(), "STATUS".into()]);
             }
@@ -179,7 +233,10 @@ pub async fn get(c: &Client, ns: &str, kind: &str, name: Option<&str>, format: O
                 let mut row = vec![
                     format!("{}:{}", t.stream, t.tag),
                     t.image.clone().unwrap_or_else(|| "<none>".into()),
-                    t.history.first().map(|h| ago(h.created)).unwrap_or_default(),
+                    t.history
+                        .first()
+                        .map(|h| ago(h.created))
+                        .unwrap_or_default(),
                 ];
                 if wide {
                     row.push(source_line(t));
@@ -202,14 +259,30 @@ pub async fn get(c: &Client, ns: &str, kind: &str, name: Option<&str>, format: O
 
 pub fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols).map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         println!("{}", line.join("   ").trim_end());
     }
 }
 
-pub async fn watch(c: &Client, ns: &str, name: Option<&str>, format: Option<&str>) -> Result<(), CliError> {
+pub async fn watch(
+    c: &Client,
+    ns: &str,
+    name: Option<&str>,
+    format: Option<&str>,
+) -> Result<(), CliError> {
     let mut q = format!("/api/v1/watch?namespace={ns}");
     if let Some(n) = name {
         let (stream, tag) = match n.split_once(':') {
@@ -217,9 +290,13 @@ pub async fn watch(c: &Client, ns: &str, name: Option<&str>, format: Option<&str
             None => (n, None),
         };
         let sn = StreamName::parse(stream, ns).map_err(|e| CliError::Usage(e.to_string()))?;
-        q = format!("/api/v1/watch?namespace={}&stream={}", sn.namespace, sn.name);
+        q = format!(
+            "/api/v1/watch?namespace={}&stream={}",
+            sn.namespace, sn.name
+        );
         if let Some(t) = tag {
-            crate::model::reference::check_tag("stream tag", n, t).map_err(|e| CliError::Usage(e.to_string()))?;
+            crate::model::reference::check_tag("stream tag", n, t)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
             q.push_str(&format!("&tag={t}"));
         }
     }
@@ -232,8 +309,12 @@ pub async fn watch(c: &Client, ns: &str, name: Option<&str>, format: Option<&str
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(i) = buf.find('\n') {
             let line: String = buf.drain(..=i).collect();
-            let Some(data) = line.trim_end().strip_prefix("data:") else { continue };
-            let Ok(e) = serde_json::from_str::<Event>(data.trim()) else { continue };
+            let Some(data) = line.trim_end().strip_prefix("data:") else {
+                continue;
+            };
+            let Ok(e) = serde_json::from_str::<Event>(data.trim()) else {
+                continue;
+            };
             if format == Some("json") {
                 println!("{}", serde_json::to_string(&e).unwrap_or_default());
             } else {
@@ -266,21 +347,36 @@ fn watch_line(e: &Event) -> String {
             d.reason.as_deref().unwrap_or(""),
             d.message.as_deref().unwrap_or("")
         ),
-        _ => format!("{} {} {}", e.time.format("%Y-%m-%dT%H:%M:%SZ"), e.subject, what),
+        _ => format!(
+            "{} {} {}",
+            e.time.format("%Y-%m-%dT%H:%M:%SZ"),
+            e.subject,
+            what
+        ),
     }
 }
 
 pub async fn triggers(c: &Client, args: &[String], format: Option<&str>) -> Result<(), CliError> {
     match args {
         [retry, name] if retry == "retry" => {
-            let v: serde_json::Value = c.post(&format!("/api/v1/triggers/{name}/retry"), &serde_json::json!({})).await?;
+            let v: serde_json::Value = c
+                .post(
+                    &format!("/api/v1/triggers/{name}/retry"),
+                    &serde_json::json!({}),
+                )
+                .await?;
             if matches!(format, Some("json") | Some("yaml")) {
                 return print_value(&v, format);
             }
-            println!("Re-queued {} dead deliveries of trigger {name}.", v["requeued"].as_u64().unwrap_or(0));
+            println!(
+                "Re-queued {} dead deliveries of trigger {name}.",
+                v["requeued"].as_u64().unwrap_or(0)
+            );
             Ok(())
         }
-        [retry] if retry == "retry" => Err(CliError::Usage("triggers retry needs the trigger's NAME".into())),
+        [retry] if retry == "retry" => Err(CliError::Usage(
+            "triggers retry needs the trigger's NAME".into(),
+        )),
         [] | [_] => {
             let list: Vec<TriggerView> = match args.first() {
                 Some(n) => vec![c.get(&format!("/api/v1/triggers/{n}")).await?],
@@ -290,7 +386,15 @@ pub async fn triggers(c: &Client, args: &[String], format: Option<&str>) -> Resu
                 return print_value(&list, format);
             }
             if args.is_empty() {
-                let mut rows = vec![vec!["NAME".to_string(), "SINK".into(), "ON".into(), "PENDING".into(), "DEAD".into(), "DELIVERED".into(), "LAST FIRED".into()]];
+                let mut rows = vec![vec![
+                    "NAME".to_string(),
+                    "SINK".into(),
+                    "ON".into(),
+                    "PENDING".into(),
+                    "DEAD".into(),
+                    "DELIVERED".into(),
+                    "LAST FIRED".into(),
+                ]];
                 for t in &list {
                     rows.push(vec![
                         format!("{}{}", t.name, if t.paused { " (paused)" } else { "" }),
@@ -299,23 +403,42 @@ pub async fn triggers(c: &Client, args: &[String], format: Option<&str>) -> Resu
                         t.pending.to_string(),
                         t.dead.to_string(),
                         t.delivered.to_string(),
-                        t.last_fired.iter().map(|(k, v)| format!("{k}={}", short(v))).collect::<Vec<_>>().join(" "),
+                        t.last_fired
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", short(v)))
+                            .collect::<Vec<_>>()
+                            .join(" "),
                     ]);
                 }
                 print_table(&rows);
                 return Ok(());
             }
             for t in &list {
-                println!("Name:\t\t{}{}", t.name, if t.paused { " (paused)" } else { "" });
+                println!(
+                    "Name:\t\t{}{}",
+                    t.name,
+                    if t.paused { " (paused)" } else { "" }
+                );
                 println!("Sink:\t\t{}", t.sink);
                 println!("On:\t\t{}", t.on.join(", "));
-                println!("Deliveries:\t{} pending, {} dead, {} delivered, {} superseded", t.pending, t.dead, t.delivered, t.superseded);
+                println!(
+                    "Deliveries:\t{} pending, {} dead, {} delivered, {} superseded",
+                    t.pending, t.dead, t.delivered, t.superseded
+                );
                 for (k, v) in &t.last_fired {
                     println!("Last fired:\t{k} -> {v}");
                 }
                 if !t.deliveries.is_empty() {
                     println!("Recent:");
-                    let mut rows = vec![vec!["ID".to_string(), "TAG".into(), "DIGEST".into(), "STATE".into(), "ATTEMPTS".into(), "NEXT".into(), "LAST ERROR".into()]];
+                    let mut rows = vec![vec![
+                        "ID".to_string(),
+                        "TAG".into(),
+                        "DIGEST".into(),
+                        "STATE".into(),
+                        "ATTEMPTS".into(),
+                        "NEXT".into(),
+                        "LAST ERROR".into(),
+                    ]];
                     for d in &t.deliveries {
                         rows.push(vec![
                             d.id.to_string(),
@@ -323,7 +446,9 @@ pub async fn triggers(c: &Client, args: &[String], format: Option<&str>) -> Resu
                             short(&d.digest),
                             d.state.clone(),
                             d.attempts.to_string(),
-                            d.next_attempt.map(|n| n.format("%H:%M:%S").to_string()).unwrap_or_default(),
+                            d.next_attempt
+                                .map(|n| n.format("%H:%M:%S").to_string())
+                                .unwrap_or_default(),
                             d.last_error.clone().unwrap_or_default(),
                         ]);
                     }
@@ -332,7 +457,9 @@ pub async fn triggers(c: &Client, args: &[String], format: Option<&str>) -> Resu
             }
             Ok(())
         }
-        _ => Err(CliError::Usage("usage: istream triggers [NAME] | istream triggers retry NAME".into())),
+        _ => Err(CliError::Usage(
+            "usage: istream triggers [NAME] | istream triggers retry NAME".into(),
+        )),
     }
 }
 
@@ -348,6 +475,9 @@ mod tests {
     #[test]
     fn yaml_shape() {
         let v = serde_json::json!({"a": 1, "b": {"c": "x:y"}, "d": [{"e": null}, "f"], "g": []});
-        assert_eq!(super::to_yaml(&v), "a: 1\nb:\n  c: \"x:y\"\nd:\n- e: null\n- \"f\"\ng: []\n");
+        assert_eq!(
+            super::to_yaml(&v),
+            "a: 1\nb:\n  c: \"x:y\"\nd:\n- e: null\n- \"f\"\ng: []\n"
+        );
     }
 }

@@ -231,7 +231,10 @@ impl<'a> Locator<'a> {
     }
 
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
 
     /// `file:line: key: message`, the line found by walking the spanned document.
@@ -245,7 +248,13 @@ impl<'a> Locator<'a> {
             .collect::<String>();
         let key = key.trim_start_matches('.');
         let line = self.find(path).map(|o| format!(":{}", self.line_of(o)));
-        ConfigError(format!("{}{}: key `{}`: {}", self.file, line.unwrap_or_default(), key, msg))
+        ConfigError(format!(
+            "{}{}: key `{}`: {}",
+            self.file,
+            line.unwrap_or_default(),
+            key,
+            msg
+        ))
     }
 
     fn find(&self, path: &[P]) -> Option<usize> {
@@ -265,7 +274,7 @@ impl<'a> Locator<'a> {
     }
 
     /// Best effort for serde errors: the key on the line of the span, and its `[section]`.
-    fn from_toml(&self, e: &toml::de::Error) -> ConfigError {
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
         let Some(span) = e.span() else {
             return ConfigError(format!("{}: {}", self.file, e.message()));
         };
@@ -336,10 +345,10 @@ impl Config {
 
     pub fn from_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let loc = Locator::new(path, text);
-        let mut raw: raw::Raw = toml::from_str(text).map_err(|e| loc.from_toml(&e))?;
+        let mut raw: raw::Raw = toml::from_str(text).map_err(|e| loc.toml_error(&e))?;
         let overrides = env_overrides();
         if !overrides.is_empty() {
-            let mut table: toml::Table = toml::from_str(text).map_err(|e| loc.from_toml(&e))?;
+            let mut table: toml::Table = toml::from_str(text).map_err(|e| loc.toml_error(&e))?;
             for (var, keys, value) in &overrides {
                 let mut t = &mut table;
                 for k in &keys[..keys.len() - 1] {
@@ -395,12 +404,17 @@ pub fn expand_home(p: &str) -> PathBuf {
 }
 
 fn duration(loc: &Locator, path: &[P], s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s)
-        .map_err(|e| loc.err(path, format!("\"{s}\" is not a duration like 30s or 15m: {e}")))
+    humantime::parse_duration(s).map_err(|e| {
+        loc.err(
+            path,
+            format!("\"{s}\" is not a duration like 30s or 15m: {e}"),
+        )
+    })
 }
 
 fn url(loc: &Locator, path: &[P], s: &str) -> Result<reqwest::Url, ConfigError> {
-    let u = reqwest::Url::parse(s).map_err(|e| loc.err(path, format!("\"{s}\" is not a URL: {e}")))?;
+    let u =
+        reqwest::Url::parse(s).map_err(|e| loc.err(path, format!("\"{s}\" is not a URL: {e}")))?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
         return Err(loc.err(path, format!("\"{s}\" must be an http(s) URL with a host")));
     }
@@ -442,7 +456,10 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         path: PathBuf::from(raw.store.path.unwrap_or_else(|| "istream.db".into())),
     };
     if store.kind == StoreKind::Nats && raw.nats.is_none() {
-        return Err(loc.err(&[K("store"), K("kind")], "store kind \"nats\" needs a [nats] section"));
+        return Err(loc.err(
+            &[K("store"), K("kind")],
+            "store kind \"nats\" needs a [nats] section",
+        ));
     }
     let nats = match raw.nats {
         None => None,
@@ -480,7 +497,12 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
     };
     let mut hook_tokens = BTreeMap::new();
     for (name, t) in raw.hooks.sources() {
-        if let Some(s) = secret(loc, &[K("hooks"), K(name), K("token_env")], &t.token_env, &t.token_file)? {
+        if let Some(s) = secret(
+            loc,
+            &[K("hooks"), K(name), K("token_env")],
+            &t.token_env,
+            &t.token_file,
+        )? {
             hook_tokens.insert(name.to_string(), s);
         }
     }
@@ -498,7 +520,10 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
     let mut api_tokens = Vec::new();
     for (i, t) in raw.api.token.iter().enumerate() {
         let p = |k| [K("api"), K("token"), I(i), K(k)];
-        let check = match (&t.sha256, secret(loc, &p("token_env"), &t.token_env, &t.token_file)?) {
+        let check = match (
+            &t.sha256,
+            secret(loc, &p("token_env"), &t.token_env, &t.token_file)?,
+        ) {
             (Some(h), None) => {
                 let bytes = hex::decode(h)
                     .ok()
@@ -542,8 +567,7 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             scopes,
         });
     }
-    if api_tokens.is_empty() && !server.listen.ip().is_loopback() && !server.allow_unauthenticated
-    {
+    if api_tokens.is_empty() && !server.listen.ip().is_loopback() && !server.allow_unauthenticated {
         return Err(loc.err(
             &[K("server"), K("listen")],
             format!(
@@ -565,7 +589,10 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         }
         let rps = r.max_requests_per_second.unwrap_or(20.0);
         if rps.is_nan() || rps < 0.0 {
-            return Err(loc.err(&p("max_requests_per_second"), "must be 0 (unlimited) or more"));
+            return Err(loc.err(
+                &p("max_requests_per_second"),
+                "must be 0 (unlimited) or more",
+            ));
         }
         let conc = r.max_concurrency.unwrap_or(8);
         if conc == 0 {
@@ -589,7 +616,10 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         let name = StreamName::parse(&s.name, s.namespace.as_deref().unwrap_or("default"))
             .map_err(|e| loc.err(&[K("stream"), I(i), K("name")], e))?;
         if !seen_streams.insert(name.clone()) {
-            return Err(loc.err(&[K("stream"), I(i), K("name")], format!("stream {name} declared twice")));
+            return Err(loc.err(
+                &[K("stream"), I(i), K("name")],
+                format!("stream {name} declared twice"),
+            ));
         }
         let mut tags = Vec::new();
         for (j, t) in s.tags.iter().enumerate() {
@@ -605,8 +635,13 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                     TagFrom::Image(img.clone())
                 }
                 (None, Some(tag), None) => {
-                    let src = if tag.contains(':') { tag.clone() } else { format!("{}:{tag}", s.name) };
-                    let r = StreamTagRef::parse(&src, &name.namespace).map_err(|e| loc.err(&p("from"), e))?;
+                    let src = if tag.contains(':') {
+                        tag.clone()
+                    } else {
+                        format!("{}:{tag}", s.name)
+                    };
+                    let r = StreamTagRef::parse(&src, &name.namespace)
+                        .map_err(|e| loc.err(&p("from"), e))?;
                     if r.stream == name {
                         if r.tag == t.name {
                             return Err(loc.err(&p("from"), "a tag cannot come from itself"));
@@ -620,7 +655,11 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                     }
                 }
                 (None, None, Some(d)) => {
-                    let src = if d.contains('@') { d.clone() } else { format!("{}@{d}", s.name) };
+                    let src = if d.contains('@') {
+                        d.clone()
+                    } else {
+                        format!("{}@{d}", s.name)
+                    };
                     crate::model::StreamImageRef::parse(&src, &name.namespace)
                         .map_err(|e| loc.err(&p("from"), e))?;
                     TagFrom::Digest(src)
@@ -638,7 +677,10 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             }
             let scheduled = t.scheduled.unwrap_or(false);
             if (scheduled || t.insecure.unwrap_or(false)) && !matches!(from, TagFrom::Image(_)) {
-                return Err(loc.err(&p("scheduled"), "scheduled and insecure apply only to from.image"));
+                return Err(loc.err(
+                    &p("scheduled"),
+                    "scheduled and insecure apply only to from.image",
+                ));
             }
             if let Some(sch) = &t.schedule {
                 Schedule::parse(sch).map_err(|e| loc.err(&p("schedule"), e))?;
@@ -670,9 +712,15 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             let mut seen = vec![t.name.clone()];
             let mut cur = t;
             while cur.spec.alias {
-                let TagFrom::Tag(src) = &cur.spec.from else { break };
+                let TagFrom::Tag(src) = &cur.spec.from else {
+                    break;
+                };
                 if seen.contains(src) {
-                    let i = raw.stream.iter().position(|r| r.name == s.name.name).unwrap_or(0);
+                    let i = raw
+                        .stream
+                        .iter()
+                        .position(|r| r.name == s.name.name)
+                        .unwrap_or(0);
                     return Err(loc.err(
                         &[K("stream"), I(i), K("tags")],
                         format!("aliases form a cycle: {} -> {src}", seen.join(" -> ")),
@@ -717,11 +765,17 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         let p = |k: &'static str| [K("trigger"), I(i), K(k)];
         if t.name.is_empty()
             || t.name == "retry"
-            || !t.name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            || !t
+                .name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
         {
             return Err(loc.err(
                 &p("name"),
-                format!("\"{}\" is not a trigger name (letters, digits, '-', '_', '.'; not \"retry\")", t.name),
+                format!(
+                    "\"{}\" is not a trigger name (letters, digits, '-', '_', '.'; not \"retry\")",
+                    t.name
+                ),
             ));
         }
         if triggers.iter().any(|x: &TriggerConfig| x.name == t.name) {
@@ -736,7 +790,12 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 .map_err(|e| loc.err(&[K("trigger"), I(i), K("on"), I(j)], e))?;
             on.push(r);
         }
-        let sinks = [t.webhook.is_some(), t.github.is_some(), t.gitlab.is_some(), t.jenkins.is_some()];
+        let sinks = [
+            t.webhook.is_some(),
+            t.github.is_some(),
+            t.gitlab.is_some(),
+            t.jenkins.is_some(),
+        ];
         let n = sinks.iter().filter(|b| **b).count();
         if n != 1 {
             return Err(loc.err(
@@ -770,7 +829,8 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 return Err(loc.err(&pw("signature_header"), "not a valid header name"));
             }
             if let Some(tpl) = &w.body_template {
-                crate::trigger::template::check(tpl).map_err(|e| loc.err(&pw("body_template"), e))?;
+                crate::trigger::template::check(tpl)
+                    .map_err(|e| loc.err(&pw("body_template"), e))?;
             }
             Sink::Webhook {
                 url: url(loc, &pw("url"), &w.url)?,
@@ -787,7 +847,11 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             if g.repo.split('/').count() != 2 || g.repo.split('/').any(str::is_empty) {
                 return Err(loc.err(&pg("repo"), format!("\"{}\" is not owner/name", g.repo)));
             }
-            let api = url(loc, &pg("api_url"), g.api_url.as_deref().unwrap_or("https://api.github.com"))?;
+            let api = url(
+                loc,
+                &pg("api_url"),
+                g.api_url.as_deref().unwrap_or("https://api.github.com"),
+            )?;
             let token = secret(loc, &pg("token_env"), &g.token_env, &g.token_file)?
                 .ok_or_else(|| loc.err(&pg("repo"), "github needs token_env or token_file"))?;
             match (&g.event_type, &g.workflow) {
@@ -804,7 +868,12 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                     git_ref: g.r#ref.clone().unwrap_or_else(|| "main".into()),
                     token,
                 },
-                _ => return Err(loc.err(&pg("repo"), "github needs exactly one of event_type or workflow")),
+                _ => {
+                    return Err(loc.err(
+                        &pg("repo"),
+                        "github needs exactly one of event_type or workflow",
+                    ));
+                }
             }
         } else if let Some(g) = &t.gitlab {
             let pg = |k| [K("trigger"), I(i), K("gitlab"), K(k)];
@@ -815,11 +884,16 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 return Err(loc.err(&pg("project"), "must not be empty"));
             }
             Sink::Gitlab {
-                api: url(loc, &pg("api_url"), g.api_url.as_deref().unwrap_or("https://gitlab.com"))?,
+                api: url(
+                    loc,
+                    &pg("api_url"),
+                    g.api_url.as_deref().unwrap_or("https://gitlab.com"),
+                )?,
                 project: g.project.clone(),
                 git_ref: g.r#ref.clone().unwrap_or_else(|| "main".into()),
-                token: secret(loc, &pg("token_env"), &g.token_env, &g.token_file)?
-                    .ok_or_else(|| loc.err(&pg("project"), "gitlab needs token_env or token_file"))?,
+                token: secret(loc, &pg("token_env"), &g.token_env, &g.token_file)?.ok_or_else(
+                    || loc.err(&pg("project"), "gitlab needs token_env or token_file"),
+                )?,
             }
         } else if let Some(j) = &t.jenkins {
             let pj = |k| [K("trigger"), I(i), K("jenkins"), K(k)];
@@ -829,8 +903,9 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             Sink::Jenkins {
                 job_url: url(loc, &pj("job_url"), &j.job_url)?,
                 user: j.user.clone(),
-                token: secret(loc, &pj("token_env"), &j.token_env, &j.token_file)?
-                    .ok_or_else(|| loc.err(&pj("job_url"), "jenkins needs token_env or token_file"))?,
+                token: secret(loc, &pj("token_env"), &j.token_env, &j.token_file)?.ok_or_else(
+                    || loc.err(&pj("job_url"), "jenkins needs token_env or token_file"),
+                )?,
             }
         } else {
             unreachable!("exactly one sink checked above")
@@ -875,7 +950,9 @@ pub fn check_platform(p: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("\"{p}\" is not a platform like linux/arm64 or linux/arm/v7"))
+        Err(format!(
+            "\"{p}\" is not a platform like linux/arm64 or linux/arm/v7"
+        ))
     }
 }
 

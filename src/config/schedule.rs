@@ -35,7 +35,9 @@ impl Schedule {
     /// The next due time strictly after `after`.
     pub fn next_after(&self, after: DateTime<Utc>) -> DateTime<Utc> {
         match self {
-            Schedule::Interval(d) => after + chrono::Duration::from_std(*d).unwrap_or(chrono::Duration::MAX),
+            Schedule::Interval(d) => {
+                after + chrono::Duration::from_std(*d).unwrap_or(chrono::Duration::MAX)
+            }
             Schedule::Cron(c) => c
                 .find_next_occurrence(&after, false)
                 .unwrap_or(after + chrono::Duration::days(366)),

@@ -14,29 +14,45 @@ fn defaults_without_a_file() {
 
 #[test]
 fn unknown_key_names_file_line_and_key() {
-    let e = load("[server]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n").unwrap_err().to_string();
+    let e = load("[server]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("triggers.toml:3:"), "{e}");
     assert!(e.contains("server.listen_typo"), "{e}");
 }
 
 #[test]
 fn bad_value_names_key_and_line() {
-    let e = load("[schedule]\ninterval = \"soon\"\n").unwrap_err().to_string();
+    let e = load("[schedule]\ninterval = \"soon\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("triggers.toml:2:"), "{e}");
     assert!(e.contains("schedule.interval"), "{e}");
     let e = load("\n\n[[trigger]]\nname = \"t\"\non = [\"Bad:tag\"]\nwebhook = { url = \"http://127.0.0.1:9/x\" }\n").unwrap_err().to_string();
-    assert!(e.starts_with("triggers.toml:5:") && e.contains("trigger[0].on[0]"), "{e}");
+    assert!(
+        e.starts_with("triggers.toml:5:") && e.contains("trigger[0].on[0]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn trigger_needs_exactly_one_sink_and_its_secret() {
-    let e = load("[[trigger]]\nname = \"t\"\non = [\"p:latest\"]\n").unwrap_err().to_string();
+    let e = load("[[trigger]]\nname = \"t\"\non = [\"p:latest\"]\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("exactly one sink"), "{e}");
     let e = load("[[trigger]]\nname = \"t\"\non = [\"p:latest\"]\ngithub = { repo = \"a/b\", event_type = \"x\", token_env = \"ISTREAM_TEST_UNSET_VAR\" }\n")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("ISTREAM_TEST_UNSET_VAR is not set") && e.contains("trigger[0].github.token_env"), "{e}");
-    let e = load("[[trigger]]\nname = \"t\"\non = [\"p:latest\"]\nwebhook = { url = \"not a url\" }\n").unwrap_err().to_string();
+    assert!(
+        e.contains("ISTREAM_TEST_UNSET_VAR is not set")
+            && e.contains("trigger[0].github.token_env"),
+        "{e}"
+    );
+    let e =
+        load("[[trigger]]\nname = \"t\"\non = [\"p:latest\"]\nwebhook = { url = \"not a url\" }\n")
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("trigger[0].webhook.url"), "{e}");
 }
 
@@ -56,8 +72,13 @@ fn declared_streams() {
 
 #[test]
 fn non_loopback_listen_needs_tokens() {
-    let e = load("[server]\nlisten = \"0.0.0.0:8080\"\n").unwrap_err().to_string();
-    assert!(e.contains("server.listen") && e.contains("allow_unauthenticated"), "{e}");
+    let e = load("[server]\nlisten = \"0.0.0.0:8080\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("server.listen") && e.contains("allow_unauthenticated"),
+        "{e}"
+    );
     assert!(load("[server]\nlisten = \"0.0.0.0:8080\"\nallow_unauthenticated = true\n").is_ok());
 }
 

@@ -114,7 +114,11 @@ fn now() -> DateTime<Utc> {
 }
 
 impl Engine {
-    pub fn new(store: Store, registry: Arc<RegistryClient>, config: &Config) -> (Arc<Engine>, EngineReceivers) {
+    pub fn new(
+        store: Store,
+        registry: Arc<RegistryClient>,
+        config: &Config,
+    ) -> (Arc<Engine>, EngineReceivers) {
         let (events, _) = broadcast::channel(4096);
         let (ct_tx, ct_rx) = mpsc::unbounded_channel();
         let (sc_tx, sc_rx) = mpsc::unbounded_channel();
@@ -129,14 +133,22 @@ impl Engine {
                 changed_tags: ct_tx,
                 spec_changes: sc_tx,
             }),
-            EngineReceivers { changed_tags: ct_rx, spec_changes: sc_rx },
+            EngineReceivers {
+                changed_tags: ct_rx,
+                spec_changes: sc_rx,
+            },
         )
     }
 
     /// Applies `f` to the stream (created empty when `create` and absent), propagates alias
     /// changes, and commits the result with its events; retries on concurrent changes.
     /// Returns the stream as committed, or None when it does not exist.
-    pub async fn mutate<F>(&self, name: &StreamName, create: bool, f: F) -> Result<ImageStream, CoreError>
+    pub async fn mutate<F>(
+        &self,
+        name: &StreamName,
+        create: bool,
+        f: F,
+    ) -> Result<ImageStream, CoreError>
     where
         F: Fn(&mut ImageStream) -> Result<(), CoreError>,
     {
@@ -145,7 +157,9 @@ impl Engine {
                 Some((doc, rev)) => (Some(doc), Some(rev)),
                 None if create => (None, None),
                 None => {
-                    return Err(CoreError::NotFound(format!("image stream {name} not found")));
+                    return Err(CoreError::NotFound(format!(
+                        "image stream {name} not found"
+                    )));
                 }
             };
             let mut after = before
@@ -157,7 +171,9 @@ impl Engine {
                 return Ok(after);
             }
             let events = self.diff_events(before.as_ref(), Some(&after));
-            let specs_changed = before.as_ref().is_none_or(|b| b.generation != after.generation);
+            let specs_changed = before
+                .as_ref()
+                .is_none_or(|b| b.generation != after.generation);
             let commit = Commit {
                 key: name.key(),
                 expected_rev: rev,
@@ -197,7 +213,9 @@ impl Engine {
             self.outbox.notify_one();
         }
         if specs_changed {
-            let _ = self.spec_changes.send(SpecChange::Stream(stream_key.to_string()));
+            let _ = self
+                .spec_changes
+                .send(SpecChange::Stream(stream_key.to_string()));
         }
     }
 
@@ -230,7 +248,13 @@ impl Engine {
                     d.image = Some(cur.image.clone());
                     d.generation = cur.generation;
                     d.cause = Some(cur.cause.as_str().into());
-                    out.push(Event::new(TAG_CHANGED, cur.id.clone(), &self.instance, cur.created, d));
+                    out.push(Event::new(
+                        TAG_CHANGED,
+                        cur.id.clone(),
+                        &self.instance,
+                        cur.created,
+                        d,
+                    ));
                 }
                 if let Some(c) = t.import_error()
                     && old.and_then(|o| o.import_error()) != Some(c)
@@ -241,7 +265,13 @@ impl Engine {
                     d.generation = c.generation;
                     d.reason = Some(c.reason.clone());
                     d.message = Some(c.message.clone());
-                    out.push(Event::new(IMPORT_FAILED, new_id(), &self.instance, c.time, d));
+                    out.push(Event::new(
+                        IMPORT_FAILED,
+                        new_id(),
+                        &self.instance,
+                        c.time,
+                        d,
+                    ));
                 }
             }
         }
@@ -267,7 +297,11 @@ impl Engine {
     }
 
     /// Resolves an external reference for a tag spec, listing platforms when asked to.
-    pub async fn resolve(&self, spec: &TagSpec, known: Option<&Digest>) -> Result<(ImageRef, Resolved), RegistryError> {
+    pub async fn resolve(
+        &self,
+        spec: &TagSpec,
+        known: Option<&Digest>,
+    ) -> Result<(ImageRef, Resolved), RegistryError> {
         let r = match &spec.from {
             TagFrom::Image(s) => ImageRef::parse(s).map_err(|e| RegistryError::Unsupported {
                 what: s.clone(),
@@ -360,7 +394,10 @@ impl Engine {
         if req.all {
             return self.import_all(&tag, req, existing.as_ref()).await;
         }
-        let spec = match (&req.from, existing.as_ref().and_then(|s| s.tags.get(&tag.tag))) {
+        let spec = match (
+            &req.from,
+            existing.as_ref().and_then(|s| s.tags.get(&tag.tag)),
+        ) {
             (Some(from), old) => {
                 ImageRef::parse(from)?;
                 let old = old.map(|t| &t.spec);
@@ -370,7 +407,10 @@ impl Engine {
                     scheduled: req.scheduled || old.is_some_and(|o| o.scheduled),
                     schedule: old.and_then(|o| o.schedule.clone()),
                     insecure: req.insecure || old.is_some_and(|o| o.insecure),
-                    platform: req.platform.clone().or_else(|| old.and_then(|o| o.platform.clone())),
+                    platform: req
+                        .platform
+                        .clone()
+                        .or_else(|| old.and_then(|o| o.platform.clone())),
                 }
             }
             (None, Some(t)) => {
@@ -400,7 +440,12 @@ impl Engine {
     }
 
     /// Sets a tag's spec to an external image and imports it, recording the result.
-    async fn set_and_import(&self, tag: &StreamTagRef, spec: TagSpec, cause: Cause) -> Result<Outcome, CoreError> {
+    async fn set_and_import(
+        &self,
+        tag: &StreamTagRef,
+        spec: TagSpec,
+        cause: Cause,
+    ) -> Result<Outcome, CoreError> {
         let s2 = spec.clone();
         self.mutate(&tag.stream, true, |s| {
             s.set_spec(&tag.tag, s2.clone());
@@ -409,7 +454,10 @@ impl Engine {
         .await?;
         let result = self.resolve(&spec, None).await;
         let (_, err) = self.record_import(tag, &spec, result, cause, true).await?;
-        Ok(Outcome { tag: tag.clone(), error: err })
+        Ok(Outcome {
+            tag: tag.clone(),
+            error: err,
+        })
     }
 
     async fn import_all(
@@ -421,13 +469,20 @@ impl Engine {
         let mut outcomes = Vec::new();
         let Some(from) = &req.from else {
             // Re-import every tag of the stream that comes from an external image.
-            let s = existing.ok_or_else(|| CoreError::NotFound(format!("image stream {} not found", tag.stream)))?;
+            let s = existing.ok_or_else(|| {
+                CoreError::NotFound(format!("image stream {} not found", tag.stream))
+            })?;
             for (name, t) in &s.tags {
                 if matches!(t.spec.from, TagFrom::Image(_)) {
                     let tr = StreamTagRef::new(tag.stream.clone(), name)?;
                     let result = self.resolve(&t.spec, None).await;
-                    let (_, err) = self.record_import(&tr, &t.spec, result, Cause::Import, false).await?;
-                    outcomes.push(Outcome { tag: tr, error: err });
+                    let (_, err) = self
+                        .record_import(&tr, &t.spec, result, Cause::Import, false)
+                        .await?;
+                    outcomes.push(Outcome {
+                        tag: tr,
+                        error: err,
+                    });
                 }
             }
             return Ok(outcomes);
@@ -435,7 +490,12 @@ impl Engine {
         let base = ImageRef::parse(from)?;
         let mut tags = match self.registry.list_tags(&base, req.insecure).await {
             Ok(t) => t,
-            Err(e) => return Ok(vec![Outcome { tag: tag.clone(), error: Some(e) }]),
+            Err(e) => {
+                return Ok(vec![Outcome {
+                    tag: tag.clone(),
+                    error: Some(e),
+                }]);
+            }
         };
         sort_tags_for_import(&mut tags);
         tags.truncate(self.max_import_all);
@@ -457,21 +517,27 @@ impl Engine {
     /// `tag SOURCE DEST...`
     pub async fn tag(&self, req: &TagRequest) -> Result<Vec<Outcome>, CoreError> {
         if req.dests.is_empty() {
-            return Err(CoreError::BadRequest("tag needs at least one destination".into()));
+            return Err(CoreError::BadRequest(
+                "tag needs at least one destination".into(),
+            ));
         }
         let dests = req
             .dests
             .iter()
             .map(|d| StreamTagRef::parse(d, &req.namespace))
             .collect::<Result<Vec<_>, _>>()?;
-        let kind = req.source_kind.unwrap_or_else(|| infer_source_kind(&req.source));
+        let kind = req
+            .source_kind
+            .unwrap_or_else(|| infer_source_kind(&req.source));
         if kind != SourceKind::Docker && (req.scheduled || req.insecure || req.platform.is_some()) {
             return Err(CoreError::BadRequest(
                 "--scheduled, --insecure and --platform apply only to external images".into(),
             ));
         }
         if req.alias && kind != SourceKind::Istag {
-            return Err(CoreError::BadRequest("--alias needs a stream tag as the source".into()));
+            return Err(CoreError::BadRequest(
+                "--alias needs a stream tag as the source".into(),
+            ));
         }
         if let Some(p) = &req.platform {
             crate::config::check_platform(p).map_err(CoreError::BadRequest)?;
@@ -492,7 +558,10 @@ impl Engine {
                     let existing = self.store.get(&d.stream.key()).await?;
                     let spec = match existing.as_ref().and_then(|(s, _)| s.tags.get(&d.tag)) {
                         // keep a custom schedule set in config across CLI re-tagging
-                        Some(t) if t.spec.from == spec.from && spec.scheduled => TagSpec { schedule: t.spec.schedule.clone(), ..spec },
+                        Some(t) if t.spec.from == spec.from && spec.scheduled => TagSpec {
+                            schedule: t.spec.schedule.clone(),
+                            ..spec
+                        },
                         _ => spec,
                     };
                     outcomes.push(self.set_and_import(d, spec, Cause::Tag).await?);
@@ -518,7 +587,9 @@ impl Engine {
                         )));
                     }
                     if *d == src {
-                        return Err(CoreError::BadRequest(format!("cannot tag {src} onto itself")));
+                        return Err(CoreError::BadRequest(format!(
+                            "cannot tag {src} onto itself"
+                        )));
                     }
                 }
                 let mut outcomes = Vec::new();
@@ -565,14 +636,20 @@ impl Engine {
                         Ok(())
                     })
                     .await?;
-                    outcomes.push(Outcome { tag: d.clone(), error: None });
+                    outcomes.push(Outcome {
+                        tag: d.clone(),
+                        error: None,
+                    });
                 }
                 Ok(outcomes)
             }
             SourceKind::Isimage => {
                 let src = StreamImageRef::parse(&req.source, &req.namespace)?;
                 let src_stream = self.get_stream(&src.stream).await?;
-                let entry = src_stream.find_image(&src.digest_prefix).map_err(CoreError::NotFound)?.clone();
+                let entry = src_stream
+                    .find_image(&src.digest_prefix)
+                    .map_err(CoreError::NotFound)?
+                    .clone();
                 let mut outcomes = Vec::new();
                 for d in &dests {
                     let spec = TagSpec {
@@ -596,7 +673,10 @@ impl Engine {
                         Ok(())
                     })
                     .await?;
-                    outcomes.push(Outcome { tag: d.clone(), error: None });
+                    outcomes.push(Outcome {
+                        tag: d.clone(),
+                        error: None,
+                    });
                 }
                 Ok(outcomes)
             }
@@ -604,7 +684,11 @@ impl Engine {
     }
 
     /// `tag -d`: removes tags and their history.
-    pub async fn delete_tags(&self, namespace: &str, dests: &[String]) -> Result<Vec<StreamTagRef>, CoreError> {
+    pub async fn delete_tags(
+        &self,
+        namespace: &str,
+        dests: &[String],
+    ) -> Result<Vec<StreamTagRef>, CoreError> {
         let mut out = Vec::new();
         for d in dests {
             let t = StreamTagRef::parse(d, namespace)?;
@@ -628,12 +712,19 @@ impl Engine {
     pub async fn delete_stream(&self, name: &StreamName) -> Result<(), CoreError> {
         for _ in 0..20 {
             let Some((doc, rev)) = self.store.get(&name.key()).await? else {
-                return Err(CoreError::NotFound(format!("image stream {name} not found")));
+                return Err(CoreError::NotFound(format!(
+                    "image stream {name} not found"
+                )));
             };
             let events = self.diff_events(Some(&doc), None);
             match self
                 .store
-                .commit(Commit { key: name.key(), expected_rev: Some(rev), doc: None, events: events.clone() })
+                .commit(Commit {
+                    key: name.key(),
+                    expected_rev: Some(rev),
+                    doc: None,
+                    events: events.clone(),
+                })
                 .await
             {
                 Ok(_) => {
@@ -644,13 +735,18 @@ impl Engine {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(CoreError::Conflict(format!("image stream {name} kept changing concurrently")))
+        Err(CoreError::Conflict(format!(
+            "image stream {name} kept changing concurrently"
+        )))
     }
 
     /// Applies the streams declared in `triggers.toml` (`kubectl apply` rule): a declared tag
     /// is created, or its spec replaced when its declaration changed since last applied.
     /// Returns the tags that need an import (new or changed declarations from an image).
-    pub async fn apply_declared(&self, declared: &[DeclaredStream]) -> Result<Vec<(StreamTagRef, TagSpec)>, CoreError> {
+    pub async fn apply_declared(
+        &self,
+        declared: &[DeclaredStream],
+    ) -> Result<Vec<(StreamTagRef, TagSpec)>, CoreError> {
         let mut to_import = Vec::new();
         for ds in declared {
             let mut changed: Vec<(StreamTagRef, TagSpec)> = Vec::new();
@@ -686,7 +782,10 @@ impl Engine {
                     let imported_at_gen = t.history.first().map(|h| h.generation).unwrap_or(-1);
                     let failed_at_gen = t.import_error().map(|c| c.generation).unwrap_or(-1);
                     if imported_at_gen < t.spec_generation && failed_at_gen < t.spec_generation {
-                        changed.push((StreamTagRef::new(ds.name.clone(), &dt.name)?, t.spec.clone()));
+                        changed.push((
+                            StreamTagRef::new(ds.name.clone(), &dt.name)?,
+                            t.spec.clone(),
+                        ));
                     }
                 }
             }
@@ -699,7 +798,10 @@ impl Engine {
     pub async fn import_specs(&self, tags: Vec<(StreamTagRef, TagSpec)>) {
         for (tag, spec) in tags {
             let result = self.resolve(&spec, None).await;
-            if let Err(e) = self.record_import(&tag, &spec, result, Cause::Import, false).await {
+            if let Err(e) = self
+                .record_import(&tag, &spec, result, Cause::Import, false)
+                .await
+            {
                 tracing::error!(tag = %tag, error = %e, "cannot record import");
             }
         }
@@ -707,7 +809,13 @@ impl Engine {
 
     /// A push announced by a registry: every tag tracking `registry/repo:tag` is re-checked
     /// (the notification is a hint) and moved with cause `push`. Returns the tags updated.
-    pub async fn pushed(&self, registry: &str, repository: &str, tag: &str, create_in: Option<StreamTagRef>) -> Result<Vec<StreamTagRef>, CoreError> {
+    pub async fn pushed(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        create_in: Option<StreamTagRef>,
+    ) -> Result<Vec<StreamTagRef>, CoreError> {
         let mut targets: Vec<(StreamTagRef, TagSpec)> = Vec::new();
         for s in self.store.list(None).await? {
             for (name, t) in &s.tags {
@@ -718,7 +826,10 @@ impl Engine {
                     && r.digest.is_none()
                     && r.tag.as_deref() == Some(tag)
                 {
-                    targets.push((StreamTagRef::new(StreamName::new(&s.namespace, &s.name)?, name)?, t.spec.clone()));
+                    targets.push((
+                        StreamTagRef::new(StreamName::new(&s.namespace, &s.name)?, name)?,
+                        t.spec.clone(),
+                    ));
                 }
             }
         }
@@ -749,7 +860,8 @@ impl Engine {
         let mut done = Vec::new();
         for (t, spec) in targets {
             let result = self.resolve(&spec, None).await;
-            self.record_import(&t, &spec, result, Cause::Push, false).await?;
+            self.record_import(&t, &spec, result, Cause::Push, false)
+                .await?;
             done.push(t);
         }
         Ok(done)
@@ -763,7 +875,9 @@ fn resolve_local_spec(s: &mut ImageStream, tag: &str) {
         return;
     }
     let entry = match &t.spec.from {
-        TagFrom::Tag(src) if !src.contains(':') => s.tags.get(src).and_then(|x| x.current().cloned()),
+        TagFrom::Tag(src) if !src.contains(':') => {
+            s.tags.get(src).and_then(|x| x.current().cloned())
+        }
         TagFrom::Digest(d) => d
             .split_once('@')
             .and_then(|(_, dg)| s.find_image(dg).ok().cloned()),
@@ -807,7 +921,9 @@ fn propagate_aliases(before: Option<&ImageStream>, after: &mut ImageStream) {
         .tags
         .iter()
         .filter(|(name, t)| {
-            let old = before.and_then(|b| b.tags.get(*name)).and_then(|o| o.current_digest());
+            let old = before
+                .and_then(|b| b.tags.get(*name))
+                .and_then(|o| o.current_digest());
             t.current_digest().is_some() && t.current_digest() != old
         })
         .map(|(n, _)| n.clone())
@@ -820,8 +936,12 @@ fn propagate_aliases(before: Option<&ImageStream>, after: &mut ImageStream) {
             }
             // The alias's own source (which may itself be an alias) has its image by now,
             // because aliases_of walks the chain outward.
-            let TagFrom::Tag(direct) = after.tags[&alias].spec.from.clone() else { continue };
-            let Some(entry) = after.tags.get(&direct).and_then(|t| t.current().cloned()) else { continue };
+            let TagFrom::Tag(direct) = after.tags[&alias].spec.from.clone() else {
+                continue;
+            };
+            let Some(entry) = after.tags.get(&direct).and_then(|t| t.current().cloned()) else {
+                continue;
+            };
             let t = after.tags.get_mut(&alias).expect("alias exists");
             if t.current_digest() == Some(&entry.digest) {
                 continue;
@@ -844,7 +964,8 @@ pub fn new_id() -> String {
 /// stream tag; otherwise external image.
 pub fn infer_source_kind(source: &str) -> SourceKind {
     let first = source.split('/').next().unwrap_or("");
-    let has_registry = source.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_registry = source.contains('/')
+        && (first.contains('.') || first.contains(':') || first == "localhost");
     if has_registry {
         SourceKind::Docker
     } else if source.contains('@') {
@@ -864,11 +985,21 @@ pub fn sort_tags_for_import(tags: &mut [String]) {
         parts.filter(|p| !p.is_empty())
     }
     tags.sort_by(|a, b| {
-        let rank = |t: &str| if t == "latest" { 0 } else if version(t).is_some() { 1 } else { 2 };
-        rank(a).cmp(&rank(b)).then_with(|| match (version(a), version(b)) {
-            (Some(va), Some(vb)) => vb.cmp(&va),
-            _ => a.cmp(b),
-        })
+        let rank = |t: &str| {
+            if t == "latest" {
+                0
+            } else if version(t).is_some() {
+                1
+            } else {
+                2
+            }
+        };
+        rank(a)
+            .cmp(&rank(b))
+            .then_with(|| match (version(a), version(b)) {
+                (Some(va), Some(vb)) => vb.cmp(&va),
+                _ => a.cmp(b),
+            })
     });
 }
 
@@ -878,8 +1009,14 @@ mod tests {
 
     #[test]
     fn source_kinds() {
-        assert_eq!(infer_source_kind("127.0.0.1:5000/centos/python"), SourceKind::Docker);
-        assert_eq!(infer_source_kind("docker.io/library/python:3.6"), SourceKind::Docker);
+        assert_eq!(
+            infer_source_kind("127.0.0.1:5000/centos/python"),
+            SourceKind::Docker
+        );
+        assert_eq!(
+            infer_source_kind("docker.io/library/python:3.6"),
+            SourceKind::Docker
+        );
         assert_eq!(infer_source_kind("python@sha256:abc"), SourceKind::Isimage);
         assert_eq!(infer_source_kind("python:3.6"), SourceKind::Istag);
         assert_eq!(infer_source_kind("centos/python"), SourceKind::Docker);
@@ -887,7 +1024,10 @@ mod tests {
 
     #[test]
     fn import_all_order() {
-        let mut t: Vec<String> = ["a", "1.2", "latest", "1.10", "2", "beta"].iter().map(|s| s.to_string()).collect();
+        let mut t: Vec<String> = ["a", "1.2", "latest", "1.10", "2", "beta"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         sort_tags_for_import(&mut t);
         assert_eq!(t, vec!["latest", "2", "1.10", "1.2", "a", "beta"]);
     }

@@ -29,18 +29,32 @@ pub struct HookState {
 
 impl HookState {
     pub fn new(max_concurrency: usize) -> HookState {
-        HookState { running: Mutex::new(HashMap::new()), limit: Some(Arc::new(tokio::sync::Semaphore::new(max_concurrency.max(1)))) }
+        HookState {
+            running: Mutex::new(HashMap::new()),
+            limit: Some(Arc::new(tokio::sync::Semaphore::new(
+                max_concurrency.max(1),
+            ))),
+        }
     }
 }
 
 fn authorized(s: &AppState, source: &str, headers: &HeaderMap, peer: SocketAddr) -> bool {
-    let secret: Option<&Secret> = s.config.hooks.tokens.get(source).or(s.config.hooks.token.as_ref());
+    let secret: Option<&Secret> = s.config.hooks.tokens.get(source).or(s
+        .config
+        .hooks
+        .token
+        .as_ref());
     let Some(secret) = secret else {
         // No secret configured: like the API, serve loopback peers only.
         return peer.ip().is_loopback();
     };
     let presented = crate::api::header_str(headers, "authorization")
-        .map(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim())
+        .map(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .unwrap_or(v)
+                .trim()
+        })
         // Harbor sends its "auth header" verbatim; Quay and Docker Hub can only add a query or
         // a custom header, so a dedicated header is accepted too.
         .or_else(|| crate::api::header_str(headers, "x-istream-token"));
@@ -55,17 +69,26 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     if !["registry", "harbor", "dockerhub", "quay"].contains(&source.as_str()) {
-        return ApiError(StatusCode::NOT_FOUND, format!("unknown hook source \"{source}\" (registry, harbor, dockerhub, quay)")).into_response();
+        return ApiError(
+            StatusCode::NOT_FOUND,
+            format!("unknown hook source \"{source}\" (registry, harbor, dockerhub, quay)"),
+        )
+        .into_response();
     }
     if !authorized(&s, &source, &headers, peer) {
         crate::metrics::hook(&source, "unauthorized");
-        return ApiError(StatusCode::UNAUTHORIZED, format!("/hooks/{source} needs the hook token (Authorization: Bearer)")).into_response();
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!("/hooks/{source} needs the hook token (Authorization: Bearer)"),
+        )
+        .into_response();
     }
     let pushes = match parse::parse(&source, &body) {
         Ok(p) => p,
         Err(e) => {
             crate::metrics::hook(&source, "malformed");
-            return ApiError(StatusCode::BAD_REQUEST, format!("/hooks/{source}: {e}")).into_response();
+            return ApiError(StatusCode::BAD_REQUEST, format!("/hooks/{source}: {e}"))
+                .into_response();
         }
     };
     crate::metrics::hook(&source, "accepted");
@@ -99,13 +122,25 @@ pub async fn handle(
             }
         });
     }
-    (StatusCode::OK, axum::Json(serde_json::json!({"accepted": true}))).into_response()
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::json!({"accepted": true})),
+    )
+        .into_response()
 }
 
 async fn recheck(s: &AppState, p: &Push) {
     let internal = s.config.registry(&p.registry).is_some_and(|r| r.internal);
-    let create_in = if internal { internal_target(&p.repository, &p.tag) } else { None };
-    match s.engine.pushed(&p.registry, &p.repository, &p.tag, create_in).await {
+    let create_in = if internal {
+        internal_target(&p.repository, &p.tag)
+    } else {
+        None
+    };
+    match s
+        .engine
+        .pushed(&p.registry, &p.repository, &p.tag, create_in)
+        .await
+    {
         Ok(tags) if tags.is_empty() => {
             tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, "push for an untracked repository ignored");
         }
@@ -114,7 +149,9 @@ async fn recheck(s: &AppState, p: &Push) {
                 tracing::info!(tag = %t, registry = %p.registry, repository = %p.repository, "re-checked after push");
             }
         }
-        Err(e) => tracing::warn!(registry = %p.registry, repository = %p.repository, tag = %p.tag, error = %e, "push re-check failed"),
+        Err(e) => {
+            tracing::warn!(registry = %p.registry, repository = %p.repository, tag = %p.tag, error = %e, "push re-check failed")
+        }
     }
 }
 
@@ -134,8 +171,16 @@ pub fn internal_target(repository: &str, tag: &str) -> Option<StreamTagRef> {
 mod tests {
     #[test]
     fn internal_targets() {
-        assert_eq!(super::internal_target("app", "v1").unwrap().to_string(), "default/app:v1");
-        assert_eq!(super::internal_target("team/app", "v1").unwrap().to_string(), "team/app:v1");
+        assert_eq!(
+            super::internal_target("app", "v1").unwrap().to_string(),
+            "default/app:v1"
+        );
+        assert_eq!(
+            super::internal_target("team/app", "v1")
+                .unwrap()
+                .to_string(),
+            "team/app:v1"
+        );
         assert!(super::internal_target("team/App", "v1").is_none());
     }
 }

@@ -25,8 +25,13 @@ pub fn parse(source: &str, body: &[u8]) -> Result<Vec<Push>, String> {
     pushes
         .into_iter()
         .map(|p| {
-            let r = ImageRef::parse(&format!("{}/{}:{}", p.registry, p.repository, p.tag)).map_err(|e| e.to_string())?;
-            Ok(Push { registry: r.registry, repository: r.repository, tag: r.tag.unwrap_or(p.tag) })
+            let r = ImageRef::parse(&format!("{}/{}:{}", p.registry, p.repository, p.tag))
+                .map_err(|e| e.to_string())?;
+            Ok(Push {
+                registry: r.registry,
+                repository: r.repository,
+                tag: r.tag.unwrap_or(p.tag),
+            })
         })
         .collect()
 }
@@ -78,8 +83,13 @@ fn distribution(body: &[u8]) -> Result<Vec<Push>, String> {
             continue;
         }
         let Some(t) = e.target else { continue };
-        let is_manifest = t.media_type.as_deref().is_none_or(|m| m.contains("manifest") || m.contains("index"));
-        let (Some(repo), Some(tag)) = (t.repository, t.tag) else { continue };
+        let is_manifest = t
+            .media_type
+            .as_deref()
+            .is_none_or(|m| m.contains("manifest") || m.contains("index"));
+        let (Some(repo), Some(tag)) = (t.repository, t.tag) else {
+            continue;
+        };
         if !is_manifest || tag.is_empty() {
             continue;
         }
@@ -89,7 +99,11 @@ fn distribution(body: &[u8]) -> Result<Vec<Push>, String> {
             .and_then(host_of_url)
             .or(e.request.and_then(|r| r.host))
             .ok_or("push event names no registry host (target.url or request.host)")?;
-        out.push(Push { registry: host, repository: repo, tag });
+        out.push(Push {
+            registry: host,
+            repository: repo,
+            tag,
+        });
     }
     Ok(out)
 }
@@ -140,12 +154,25 @@ fn harbor(body: &[u8]) -> Result<Vec<Push>, String> {
     let full = data.repository.and_then(|r| r.repo_full_name);
     let mut out = Vec::new();
     for r in data.resources.unwrap_or_default() {
-        let (Some(tag), Some(url)) = (r.tag, r.resource_url) else { continue };
+        let (Some(tag), Some(url)) = (r.tag, r.resource_url) else {
+            continue;
+        };
         // resource_url is "host[:port]/project/repo:tag"
-        let (host, path) = url.split_once('/').ok_or_else(|| format!("resource_url \"{url}\" has no registry host"))?;
-        let repo = full.clone().unwrap_or_else(|| path.rsplit_once(':').map(|(p, _)| p).unwrap_or(path).to_string());
+        let (host, path) = url
+            .split_once('/')
+            .ok_or_else(|| format!("resource_url \"{url}\" has no registry host"))?;
+        let repo = full.clone().unwrap_or_else(|| {
+            path.rsplit_once(':')
+                .map(|(p, _)| p)
+                .unwrap_or(path)
+                .to_string()
+        });
         if !tag.is_empty() {
-            out.push(Push { registry: host.to_string(), repository: repo, tag });
+            out.push(Push {
+                registry: host.to_string(),
+                repository: repo,
+                tag,
+            });
         }
     }
     Ok(out)
@@ -169,7 +196,11 @@ struct HubRepo {
 
 fn dockerhub(body: &[u8]) -> Result<Vec<Push>, String> {
     let p: HubPayload = json(body, "Docker Hub")?;
-    Ok(vec![Push { registry: "docker.io".into(), repository: p.repository.repo_name, tag: p.push_data.tag }])
+    Ok(vec![Push {
+        registry: "docker.io".into(),
+        repository: p.repository.repo_name,
+        tag: p.push_data.tag,
+    }])
 }
 
 #[derive(Deserialize)]
@@ -187,7 +218,11 @@ fn quay(body: &[u8]) -> Result<Vec<Push>, String> {
         .ok_or_else(|| format!("docker_url \"{}\" has no registry host", p.docker_url))?;
     Ok(p.updated_tags
         .into_iter()
-        .map(|tag| Push { registry: host.to_string(), repository: repo.to_string(), tag })
+        .map(|tag| Push {
+            registry: host.to_string(),
+            repository: repo.to_string(),
+            tag,
+        })
         .collect())
 }
 
@@ -197,11 +232,20 @@ mod tests {
 
     #[test]
     fn distribution_sample_from_a_real_registry() {
-        let sample: serde_json::Value =
-            serde_json::from_str(include_str!("../../tests/data/distribution-notification.json")).unwrap();
+        let sample: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/data/distribution-notification.json"
+        ))
+        .unwrap();
         let body = serde_json::to_vec(&sample["body"]).unwrap();
         let p = parse("registry", &body).unwrap();
-        assert_eq!(p, vec![Push { registry: "127.0.0.1:5002".into(), repository: "notif/r0000".into(), tag: "latest".into() }]);
+        assert_eq!(
+            p,
+            vec![Push {
+                registry: "127.0.0.1:5002".into(),
+                repository: "notif/r0000".into(),
+                tag: "latest".into()
+            }]
+        );
     }
 
     #[test]
@@ -209,10 +253,17 @@ mod tests {
         let default = br#"{"type":"PUSH_ARTIFACT","occur_at":1680000000,"operator":"admin","event_data":{"resources":[{"digest":"sha256:x","tag":"v1","resource_url":"harbor.example.com/library/app:v1"}],"repository":{"date_created":1,"name":"app","namespace":"library","repo_full_name":"library/app","repo_type":"private"}}}"#;
         assert_eq!(
             parse("harbor", default).unwrap(),
-            vec![Push { registry: "harbor.example.com".into(), repository: "library/app".into(), tag: "v1".into() }]
+            vec![Push {
+                registry: "harbor.example.com".into(),
+                repository: "library/app".into(),
+                tag: "v1".into()
+            }]
         );
         let ce = br#"{"specversion":"1.0","id":"1","source":"/projects/1/webhook/policies/1","type":"harbor.artifact.pushed","datacontenttype":"application/json","data":{"resources":[{"digest":"sha256:x","tag":"v2","resource_url":"harbor.example.com:8443/library/app:v2"}],"repository":{"name":"app","namespace":"library","repo_full_name":"library/app","repo_type":"private"}}}"#;
-        assert_eq!(parse("harbor", ce).unwrap()[0].registry, "harbor.example.com:8443");
+        assert_eq!(
+            parse("harbor", ce).unwrap()[0].registry,
+            "harbor.example.com:8443"
+        );
         let pull = br#"{"type":"PULL_ARTIFACT","event_data":{"resources":[]}}"#;
         assert!(parse("harbor", pull).unwrap().is_empty());
     }
@@ -220,13 +271,26 @@ mod tests {
     #[test]
     fn dockerhub_and_quay() {
         let hub = br#"{"callback_url":"https://registry.hub.docker.com/u/svendowideit/testhook/hook/2141b5bi5i5b02bec211i4eeih0242eg11000a/","push_data":{"pushed_at":1417566161,"pusher":"trustedbuilder","tag":"latest"},"repository":{"name":"testhook","namespace":"svendowideit","repo_name":"svendowideit/testhook","status":"Active"}}"#;
-        assert_eq!(parse("dockerhub", hub).unwrap()[0].repository, "svendowideit/testhook");
+        assert_eq!(
+            parse("dockerhub", hub).unwrap()[0].repository,
+            "svendowideit/testhook"
+        );
         let official = br#"{"push_data":{"tag":"3"},"repository":{"repo_name":"python"}}"#;
-        assert_eq!(parse("dockerhub", official).unwrap()[0].repository, "library/python");
+        assert_eq!(
+            parse("dockerhub", official).unwrap()[0].repository,
+            "library/python"
+        );
         let quay = br#"{"repository":"mynamespace/repository","namespace":"mynamespace","name":"repository","docker_url":"quay.io/mynamespace/repository","homepage":"https://quay.io/repository/mynamespace/repository","updated_tags":["latest","1.0"]}"#;
         let q = parse("quay", quay).unwrap();
         assert_eq!(q.len(), 2);
-        assert_eq!(q[1], Push { registry: "quay.io".into(), repository: "mynamespace/repository".into(), tag: "1.0".into() });
+        assert_eq!(
+            q[1],
+            Push {
+                registry: "quay.io".into(),
+                repository: "mynamespace/repository".into(),
+                tag: "1.0".into()
+            }
+        );
     }
 
     #[test]

@@ -45,7 +45,13 @@ pub struct EventData {
 }
 
 impl Event {
-    pub fn new(kind: &str, id: String, instance: &str, time: DateTime<Utc>, data: EventData) -> Event {
+    pub fn new(
+        kind: &str,
+        id: String,
+        instance: &str,
+        time: DateTime<Utc>,
+        data: EventData,
+    ) -> Event {
         Event {
             specversion: "1.0".into(),
             id,
@@ -71,7 +77,10 @@ impl Event {
         if self.kind == TAG_CHANGED {
             format!("{prefix}.{tail}")
         } else {
-            let short = self.kind.trim_start_matches("io.istream.").replace('.', "_");
+            let short = self
+                .kind
+                .trim_start_matches("io.istream.")
+                .replace('.', "_");
             format!("{prefix}._status.{short}.{tail}")
         }
     }
@@ -122,7 +131,10 @@ mod tests {
         assert_eq!(e.subject, "default/python:3.6");
         assert_eq!(e.source, "istream://h/default/python");
         let e = Event::new(TAG_DELETED, "2".into(), "h", Utc::now(), data("latest"));
-        assert_eq!(e.subject("istream"), "istream._status.tag_deleted.default.python.latest");
+        assert_eq!(
+            e.subject("istream"),
+            "istream._status.tag_deleted.default.python.latest"
+        );
         assert_eq!(encode_token("a%b*c>d e"), "a%25b%2Ac%3Ed%20e");
     }
 }

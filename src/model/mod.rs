@@ -6,5 +6,7 @@ pub mod reference;
 pub mod stream;
 
 pub use event::{Event, EventData};
-pub use reference::{DEFAULT_NAMESPACE, Digest, ImageRef, RefError, StreamImageRef, StreamName, StreamTagRef};
+pub use reference::{
+    DEFAULT_NAMESPACE, Digest, ImageRef, RefError, StreamImageRef, StreamName, StreamTagRef,
+};
 pub use stream::{Cause, Condition, HistoryEntry, ImageStream, Tag, TagFrom, TagSpec};

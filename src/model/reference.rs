@@ -58,7 +58,10 @@ impl Digest {
                 format!("{algo} needs {len} hex characters, got {}", hex.len()),
             ));
         }
-        if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(err("digest", s, "hex part must be lowercase hexadecimal"));
         }
         Ok(Digest(s.to_string()))
@@ -67,7 +70,10 @@ impl Digest {
     /// The sha256 digest of some bytes (used when a registry gives no `Docker-Content-Digest`).
     pub fn sha256_of(bytes: &[u8]) -> Digest {
         use sha2::Digest as _;
-        Digest(format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes))))
+        Digest(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(bytes))
+        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -157,7 +163,9 @@ fn is_registry_host(s: &str) -> bool {
         return false;
     }
     if host.starts_with('[') && host.ends_with(']') {
-        return host[1..host.len() - 1].parse::<std::net::Ipv6Addr>().is_ok();
+        return host[1..host.len() - 1]
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok();
     }
     !host.is_empty()
         && host.split('.').all(|label| {
@@ -185,10 +193,7 @@ impl ImageRef {
             return Err(err(W, input, "contains whitespace"));
         }
         let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (
-                r,
-                Some(Digest::parse(d).map_err(|e| err(W, input, e.why))?),
-            ),
+            Some((r, d)) => (r, Some(Digest::parse(d).map_err(|e| err(W, input, e.why))?)),
             None => (s, None),
         };
         let (first, remainder) = match rest.split_once('/') {
@@ -202,7 +207,11 @@ impl ImageRef {
             _ => (DOCKER_HUB.to_string(), rest),
         };
         if !is_registry_host(&registry) {
-            return Err(err(W, input, format!("\"{registry}\" is not a registry host")));
+            return Err(err(
+                W,
+                input,
+                format!("\"{registry}\" is not a registry host"),
+            ));
         }
         if registry == "index.docker.io" || registry == "registry-1.docker.io" {
             registry = DOCKER_HUB.to_string();
@@ -445,11 +454,19 @@ impl StreamImageRef {
             "sha256" => 64,
             "sha384" => 96,
             "sha512" => 128,
-            _ => return Err(err(W, input, format!("unsupported digest algorithm \"{algo}\""))),
+            _ => {
+                return Err(err(
+                    W,
+                    input,
+                    format!("unsupported digest algorithm \"{algo}\""),
+                ));
+            }
         };
         if hex.is_empty()
             || hex.len() > max
-            || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(err(
                 W,
@@ -483,7 +500,10 @@ mod tests {
         let r = ImageRef::parse("centos/python-35-centos7").unwrap();
         assert_eq!(r.to_string(), "docker.io/centos/python-35-centos7:latest");
         let r = ImageRef::parse("localhost/foo:1").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("localhost", "foo"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("localhost", "foo")
+        );
         let r = ImageRef::parse("127.0.0.1:5000/a/b:3.6").unwrap();
         assert_eq!(r.registry, "127.0.0.1:5000");
         assert_eq!(r.tag.as_deref(), Some("3.6"));
@@ -512,7 +532,10 @@ mod tests {
             "a b",
         ] {
             let e = ImageRef::parse(bad).unwrap_err();
-            assert!(e.to_string().contains(&format!("\"{}\"", bad.trim())), "{e}");
+            assert!(
+                e.to_string().contains(&format!("\"{}\"", bad.trim())),
+                "{e}"
+            );
         }
     }
 
@@ -529,7 +552,10 @@ mod tests {
         let t = StreamTagRef::parse("python", "default").unwrap();
         assert_eq!(t.to_string(), "default/python:latest");
         let t = StreamTagRef::parse("team-a/python:3.6", "default").unwrap();
-        assert_eq!((t.stream.namespace.as_str(), t.tag.as_str()), ("team-a", "3.6"));
+        assert_eq!(
+            (t.stream.namespace.as_str(), t.tag.as_str()),
+            ("team-a", "3.6")
+        );
         assert!(StreamTagRef::parse("Python:3", "default").is_err());
         assert!(StreamTagRef::parse("py--thon:3", "default").is_err());
         assert!(StreamTagRef::parse("python:.x", "default").is_err());

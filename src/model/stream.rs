@@ -160,7 +160,13 @@ impl Tag {
     /// Sets `ImportSuccess=False`, keeping the image. An identical failure (same reason and
     /// message) is not rewritten, so repeated failed polls do not churn the store.
     /// Returns true when the condition changed.
-    pub fn fail(&mut self, reason: &str, message: &str, now: DateTime<Utc>, generation: i64) -> bool {
+    pub fn fail(
+        &mut self,
+        reason: &str,
+        message: &str,
+        now: DateTime<Utc>,
+        generation: i64,
+    ) -> bool {
         if let Some(c) = self.import_error()
             && c.reason == reason
             && c.message == message
@@ -188,8 +194,7 @@ impl Tag {
 
     /// Whether the scheduler should poll this tag: scheduled, from an external image by tag.
     pub fn is_polled(&self) -> bool {
-        self.spec.scheduled
-            && matches!(&self.spec.from, TagFrom::Image(r) if !r.contains('@'))
+        self.spec.scheduled && matches!(&self.spec.from, TagFrom::Image(r) if !r.contains('@'))
     }
 }
 
@@ -264,13 +269,18 @@ impl ImageStream {
         let mut found: Vec<&HistoryEntry> = Vec::new();
         for t in self.tags.values() {
             for h in &t.history {
-                if h.digest.as_str().starts_with(prefix) && !found.iter().any(|f| f.digest == h.digest) {
+                if h.digest.as_str().starts_with(prefix)
+                    && !found.iter().any(|f| f.digest == h.digest)
+                {
                     found.push(h);
                 }
             }
         }
         match found.len() {
-            0 => Err(format!("no image in stream {} matches {prefix}", self.key())),
+            0 => Err(format!(
+                "no image in stream {} matches {prefix}",
+                self.key()
+            )),
             1 => Ok(found[0]),
             n => Err(format!(
                 "{prefix} is ambiguous in stream {}: {n} images match; give more of the digest",
@@ -314,12 +324,18 @@ mod tests {
         let t = s.set_spec("3.6", spec(TagFrom::Image("a/b:1".into())));
         assert!(t.record(entry('a', "r/a@1")));
         assert!(t.fail("NotFound", "gone", Utc::now(), 1));
-        assert!(!t.fail("NotFound", "gone", Utc::now(), 1), "identical failure is not rewritten");
+        assert!(
+            !t.fail("NotFound", "gone", Utc::now(), 1),
+            "identical failure is not rewritten"
+        );
         // same digest, new pull spec: current entry updated, no new entry
         assert!(!t.record(entry('a', "r2/a@1")));
         assert_eq!(t.history.len(), 1);
         assert_eq!(t.history[0].image, "r2/a@1");
-        assert!(t.import_error().is_some(), "same image does not clear by itself");
+        assert!(
+            t.import_error().is_some(),
+            "same image does not clear by itself"
+        );
         assert!(t.record(entry('b', "r/b")));
         assert_eq!(t.history.len(), 2);
         assert!(t.import_error().is_none(), "a new entry clears the failure");

@@ -11,7 +11,11 @@ use super::{RegistryError, credentials::Credentials, describe_reqwest, read_limi
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
-    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
     Basic,
 }
 
@@ -32,10 +36,19 @@ impl Challenge {
             let after = after.trim_start();
             let (value, next) = if let Some(q) = after.strip_prefix('"') {
                 let end = q.find('"')?;
-                (&q[..end], q[end + 1..].trim_start().trim_start_matches(',').trim_start())
+                (
+                    &q[..end],
+                    q[end + 1..]
+                        .trim_start()
+                        .trim_start_matches(',')
+                        .trim_start(),
+                )
             } else {
                 let end = after.find(',').unwrap_or(after.len());
-                (after[..end].trim(), after[end..].trim_start_matches(',').trim_start())
+                (
+                    after[..end].trim(),
+                    after[end..].trim_start_matches(',').trim_start(),
+                )
             };
             map.insert(key.trim().to_ascii_lowercase(), value.to_string());
             rest = next;
@@ -69,7 +82,10 @@ impl TokenCache {
             let now = Instant::now();
             entries.retain(|_, (_, until)| *until > now);
         }
-        entries.insert((registry.to_string(), scope.to_string()), (value, Instant::now() + ttl));
+        entries.insert(
+            (registry.to_string(), scope.to_string()),
+            (value, Instant::now() + ttl),
+        );
     }
 
     /// Answers a challenge: fetches a bearer token (anonymous or with credentials) or builds
@@ -89,12 +105,20 @@ impl TokenCache {
         };
         match challenge {
             Challenge::Basic => {
-                let c = creds.ok_or_else(|| unauthorized("registry wants basic auth and no credentials are configured".into()))?;
+                let c = creds.ok_or_else(|| {
+                    unauthorized(
+                        "registry wants basic auth and no credentials are configured".into(),
+                    )
+                })?;
                 let value = basic(c);
                 self.put(registry, scope, value.clone(), Duration::from_secs(3600));
                 Ok(value)
             }
-            Challenge::Bearer { realm, service, scope: challenge_scope } => {
+            Challenge::Bearer {
+                realm,
+                service,
+                scope: challenge_scope,
+            } => {
                 let realm_url = reqwest::Url::parse(realm)
                     .map_err(|_| unauthorized(format!("token realm \"{realm}\" is not a URL")))?;
                 let mut req = client.get(realm_url);
@@ -112,8 +136,13 @@ impl TokenCache {
                     detail: format!("token service: {}", describe_reqwest(&e)),
                 })?;
                 let status = resp.status();
-                if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-                    return Err(unauthorized(format!("token service answered HTTP {}", status.as_u16())));
+                if status == reqwest::StatusCode::UNAUTHORIZED
+                    || status == reqwest::StatusCode::FORBIDDEN
+                {
+                    return Err(unauthorized(format!(
+                        "token service answered HTTP {}",
+                        status.as_u16()
+                    )));
                 }
                 if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
                     return Err(RegistryError::RateLimited {
@@ -129,10 +158,12 @@ impl TokenCache {
                         detail: format!("token service answered HTTP {}", status.as_u16()),
                     });
                 }
-                let body = read_limited(resp, 1 << 20).await.map_err(|detail| RegistryError::InvalidResponse {
-                    registry: registry.into(),
-                    what: "token".into(),
-                    detail,
+                let body = read_limited(resp, 1 << 20).await.map_err(|detail| {
+                    RegistryError::InvalidResponse {
+                        registry: registry.into(),
+                        what: "token".into(),
+                        detail,
+                    }
                 })?;
                 #[derive(serde::Deserialize)]
                 struct TokenReply {
@@ -140,18 +171,21 @@ impl TokenCache {
                     access_token: Option<String>,
                     expires_in: Option<u64>,
                 }
-                let t: TokenReply = serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidResponse {
-                    registry: registry.into(),
-                    what: "token".into(),
-                    detail: format!("token reply is not JSON: {e}"),
-                })?;
-                let token = t.token.or(t.access_token).filter(|t| !t.is_empty()).ok_or_else(|| {
-                    RegistryError::InvalidResponse {
+                let t: TokenReply =
+                    serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidResponse {
+                        registry: registry.into(),
+                        what: "token".into(),
+                        detail: format!("token reply is not JSON: {e}"),
+                    })?;
+                let token = t
+                    .token
+                    .or(t.access_token)
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| RegistryError::InvalidResponse {
                         registry: registry.into(),
                         what: "token".into(),
                         detail: "token reply has no token".into(),
-                    }
-                })?;
+                    })?;
                 // Refresh a little before expiry; the spec's default lifetime is 60 s.
                 let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(10) - 5);
                 let value = format!("Bearer {token}");
@@ -164,7 +198,10 @@ impl TokenCache {
 
 fn basic(c: &Credentials) -> String {
     let raw = format!("{}:{}", c.username, c.password.expose());
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
 }
 
 #[cfg(test)]
@@ -185,7 +222,10 @@ mod tests {
                 scope: Some("repository:library/python:pull".into())
             }
         );
-        assert_eq!(Challenge::parse(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(Challenge::parse("Bearer service=x"), None);
         assert_eq!(Challenge::parse("Negotiate"), None);
     }

@@ -25,7 +25,11 @@ impl HostBudget {
     pub fn new(rate: f64, concurrency: usize) -> HostBudget {
         HostBudget {
             permits: Semaphore::new(concurrency.max(1)),
-            bucket: Mutex::new(Bucket { rate, tokens: rate.max(1.0), last: Instant::now() }),
+            bucket: Mutex::new(Bucket {
+                rate,
+                tokens: rate.max(1.0),
+                last: Instant::now(),
+            }),
             paused_until: Mutex::new(None),
         }
     }
@@ -39,7 +43,11 @@ impl HostBudget {
                 _ => break,
             }
         }
-        let permit = self.permits.acquire().await.expect("semaphore never closed");
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("semaphore never closed");
         loop {
             let wait = {
                 let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
@@ -89,7 +97,11 @@ mod tests {
             drop(b.acquire().await);
         }
         // 2 in the burst, then 4 more at 2/s
-        assert!(start.elapsed() >= Duration::from_millis(1900), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(1900),
+            "{:?}",
+            start.elapsed()
+        );
         b.pause_for(Duration::from_secs(5));
         let t = Instant::now();
         drop(b.acquire().await);

@@ -18,9 +18,14 @@ pub fn lookup(host: &str, cfg: Option<&RegistryConfig>) -> Option<Credentials> {
     if let Some(c) = cfg
         && let (Some(u), Some(p)) = (&c.username, &c.password)
     {
-        return Some(Credentials { username: u.clone(), password: p.clone() });
+        return Some(Credentials {
+            username: u.clone(),
+            password: p.clone(),
+        });
     }
-    let path = cfg.and_then(|c| c.docker_config.clone()).or_else(default_docker_config)?;
+    let path = cfg
+        .and_then(|c| c.docker_config.clone())
+        .or_else(default_docker_config)?;
     from_docker_config(&path, host)
 }
 
@@ -42,9 +47,17 @@ fn from_docker_config(path: &std::path::Path, host: &str) -> Option<Credentials>
     };
     // Docker Hub is stored under its legacy index URL.
     let keys: Vec<String> = if host == "docker.io" {
-        vec!["https://index.docker.io/v1/".into(), "docker.io".into(), "index.docker.io".into()]
+        vec![
+            "https://index.docker.io/v1/".into(),
+            "docker.io".into(),
+            "index.docker.io".into(),
+        ]
     } else {
-        vec![host.to_string(), format!("https://{host}"), format!("http://{host}")]
+        vec![
+            host.to_string(),
+            format!("https://{host}"),
+            format!("http://{host}"),
+        ]
     };
     let helper = keys
         .iter()
@@ -56,15 +69,23 @@ fn from_docker_config(path: &std::path::Path, host: &str) -> Option<Credentials>
         return Some(c);
     }
     let auth = keys.iter().find_map(|k| doc["auths"][k]["auth"].as_str())?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(auth.trim()).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim())
+        .ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
     let (u, p) = decoded.split_once(':')?;
-    Some(Credentials { username: u.into(), password: Secret::new(p.into()) })
+    Some(Credentials {
+        username: u.into(),
+        password: Secret::new(p.into()),
+    })
 }
 
 fn from_helper(helper: &str, server: &str) -> Option<Credentials> {
     use std::io::Write;
-    if !helper.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+    if !helper
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    {
         return None;
     }
     let mut child = std::process::Command::new(format!("docker-credential-{helper}"))
@@ -96,9 +117,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.json");
         let auth = base64::engine::general_purpose::STANDARD.encode("bob:s3cret");
-        std::fs::write(&p, format!(r#"{{"auths":{{"reg.example:5000":{{"auth":"{auth}"}}}}}}"#)).unwrap();
+        std::fs::write(
+            &p,
+            format!(r#"{{"auths":{{"reg.example:5000":{{"auth":"{auth}"}}}}}}"#),
+        )
+        .unwrap();
         let c = from_docker_config(&p, "reg.example:5000").unwrap();
-        assert_eq!((c.username.as_str(), c.password.expose()), ("bob", "s3cret"));
+        assert_eq!(
+            (c.username.as_str(), c.password.expose()),
+            ("bob", "s3cret")
+        );
         assert!(from_docker_config(&p, "other").is_none());
     }
 }

@@ -35,7 +35,11 @@ pub enum RegistryError {
     #[error("{what} not found at {registry}")]
     NotFound { registry: String, what: String },
     #[error("{registry} refused access to {what}: {detail}")]
-    Unauthorized { registry: String, what: String, detail: String },
+    Unauthorized {
+        registry: String,
+        what: String,
+        detail: String,
+    },
     #[error("{registry} is rate limiting requests (HTTP {status})")]
     RateLimited {
         registry: String,
@@ -45,7 +49,11 @@ pub enum RegistryError {
     #[error("{registry} is unreachable: {detail}")]
     Unreachable { registry: String, detail: String },
     #[error("{registry} sent an invalid response for {what}: {detail}")]
-    InvalidResponse { registry: String, what: String, detail: String },
+    InvalidResponse {
+        registry: String,
+        what: String,
+        detail: String,
+    },
     #[error("{what}: {detail}")]
     Unsupported { what: String, detail: String },
 }
@@ -180,7 +188,11 @@ impl RegistryClient {
 
     /// Resolves a reference to the digest a registry publishes for it (and, with a platform,
     /// that platform's manifest digest).
-    pub async fn resolve(&self, r: &ImageRef, opts: Options<'_>) -> Result<Resolved, RegistryError> {
+    pub async fn resolve(
+        &self,
+        r: &ImageRef,
+        opts: Options<'_>,
+    ) -> Result<Resolved, RegistryError> {
         let host = self.host(&r.registry);
         let reference = r.manifest_reference();
         let what = format!("{}/{}:{}", r.registry, r.repository, reference);
@@ -196,7 +208,15 @@ impl RegistryClient {
         }
         let known = opts.known.map(|d| format!("\"{d}\""));
         let reply = self
-            .send(&host, r, Method::HEAD, &path, opts.insecure, known.as_deref(), &what)
+            .send(
+                &host,
+                r,
+                Method::HEAD,
+                &path,
+                opts.insecure,
+                known.as_deref(),
+                &what,
+            )
             .await?;
         if reply.status == StatusCode::NOT_MODIFIED
             && let Some(k) = opts.known
@@ -228,6 +248,7 @@ impl RegistryClient {
             .send(&host, r, Method::GET, &path, opts.insecure, None, &what)
             .await?;
         let media = content_type(&reply.headers);
+        check_manifest(&reply.body, &host.name, &what)?;
         let digest = header_digest(&reply.headers, &host.name, &what)?
             .unwrap_or_else(|| Digest::sha256_of(&reply.body));
         check_pinned(r, &digest, &host.name, &what)?;
@@ -241,7 +262,11 @@ impl RegistryClient {
     }
 
     /// All tags of a repository, following `Link` pagination.
-    pub async fn list_tags(&self, r: &ImageRef, insecure: bool) -> Result<Vec<String>, RegistryError> {
+    pub async fn list_tags(
+        &self,
+        r: &ImageRef,
+        insecure: bool,
+    ) -> Result<Vec<String>, RegistryError> {
         let host = self.host(&r.registry);
         let what = format!("{}/{} tags", r.registry, r.repository);
         let mut path = format!("/v2/{}/tags/list?n=1000", r.repository);
@@ -254,10 +279,12 @@ impl RegistryClient {
             struct List {
                 tags: Option<Vec<String>>,
             }
-            let list: List = serde_json::from_slice(&reply.body).map_err(|e| RegistryError::InvalidResponse {
-                registry: host.name.clone(),
-                what: what.clone(),
-                detail: format!("tag list is not JSON: {e}"),
+            let list: List = serde_json::from_slice(&reply.body).map_err(|e| {
+                RegistryError::InvalidResponse {
+                    registry: host.name.clone(),
+                    what: what.clone(),
+                    detail: format!("tag list is not JSON: {e}"),
+                }
             })?;
             tags.extend(list.tags.unwrap_or_default());
             if tags.len() > MAX_TAGS {
@@ -291,9 +318,15 @@ impl RegistryClient {
         loop {
             let _permit = host.budget.acquire().await;
             let scheme = if insecure { host.scheme() } else { "https" };
-            let client = if insecure { &self.http_insecure } else { &self.http };
+            let client = if insecure {
+                &self.http_insecure
+            } else {
+                &self.http
+            };
             let url = format!("{scheme}://{}{}", host.name, path_and_query);
-            let mut req = client.request(method.clone(), &url).header(header::ACCEPT, ACCEPT_ALL);
+            let mut req = client
+                .request(method.clone(), &url)
+                .header(header::ACCEPT, ACCEPT_ALL);
             if let Some(a) = &authorization {
                 req = req.header(header::AUTHORIZATION, a);
             }
@@ -354,17 +387,23 @@ impl RegistryClient {
                                 detail,
                             })?
                     };
-                    Ok(Reply { status, headers, body })
+                    Ok(Reply {
+                        status,
+                        headers,
+                        body,
+                    })
                 }
                 StatusCode::NOT_FOUND => Err(RegistryError::NotFound {
                     registry: host.name.clone(),
                     what: what.into(),
                 }),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(RegistryError::Unauthorized {
-                    registry: host.name.clone(),
-                    what: what.into(),
-                    detail: format!("HTTP {}", status.as_u16()),
-                }),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    Err(RegistryError::Unauthorized {
+                        registry: host.name.clone(),
+                        what: what.into(),
+                        detail: format!("HTTP {}", status.as_u16()),
+                    })
+                }
                 StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
                     let retry_after = parse_retry_after(&headers);
                     if let Some(d) = retry_after {
@@ -394,7 +433,10 @@ struct Reply {
 
 impl Host {
     fn scheme(&self) -> &'static str {
-        self.scheme.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or("https")
+        self.scheme
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or("https")
     }
     fn set_scheme(&self, scheme: &'static str) {
         *self.scheme.lock().unwrap_or_else(|e| e.into_inner()) = Some(scheme);
@@ -410,7 +452,9 @@ fn is_loopback(host: &str) -> bool {
         _ => host,
     };
     let h = h.trim_start_matches('[').trim_end_matches(']');
-    h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn content_type(headers: &header::HeaderMap) -> Option<String> {
@@ -429,16 +473,39 @@ fn header_digest(
         None => Ok(None),
         Some(v) => {
             let s = v.to_str().unwrap_or("");
-            Digest::parse(s).map(Some).map_err(|e| RegistryError::InvalidResponse {
-                registry: registry.into(),
-                what: what.into(),
-                detail: format!("Docker-Content-Digest: {}", e.why),
-            })
+            Digest::parse(s)
+                .map(Some)
+                .map_err(|e| RegistryError::InvalidResponse {
+                    registry: registry.into(),
+                    what: what.into(),
+                    detail: format!("Docker-Content-Digest: {}", e.why),
+                })
         }
     }
 }
 
-fn check_pinned(r: &ImageRef, digest: &Digest, registry: &str, what: &str) -> Result<(), RegistryError> {
+/// A manifest is a JSON object with a schema version; anything else is not one.
+fn check_manifest(body: &[u8], registry: &str, what: &str) -> Result<(), RegistryError> {
+    let ok = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .is_some_and(|v| v.get("schemaVersion").is_some_and(|s| s.is_u64()));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidResponse {
+            registry: registry.into(),
+            what: what.into(),
+            detail: "manifest body is not a JSON manifest with a schemaVersion".into(),
+        })
+    }
+}
+
+fn check_pinned(
+    r: &ImageRef,
+    digest: &Digest,
+    registry: &str,
+    what: &str,
+) -> Result<(), RegistryError> {
     match &r.digest {
         Some(pinned) if pinned != digest => Err(RegistryError::InvalidResponse {
             registry: registry.into(),
@@ -482,7 +549,11 @@ fn list_platforms(body: &[u8]) -> Vec<String> {
     serde_json::from_slice::<IndexDoc>(body)
         .ok()
         .and_then(|d| d.manifests)
-        .map(|m| m.iter().filter_map(|e| e.platform.as_ref().map(PlatformDoc::name)).collect())
+        .map(|m| {
+            m.iter()
+                .filter_map(|e| e.platform.as_ref().map(PlatformDoc::name))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -508,21 +579,32 @@ fn pick_platform(
         || doc.manifests.is_some();
     if !is_index {
         // A single-platform image: its own digest is the platform's.
-        return Ok(Resolved { digest, media_type: media, platforms: vec![], unchanged: false });
+        return Ok(Resolved {
+            digest,
+            media_type: media,
+            platforms: vec![],
+            unchanged: false,
+        });
     }
     let manifests = doc.manifests.unwrap_or_default();
-    let platforms: Vec<String> =
-        manifests.iter().filter_map(|e| e.platform.as_ref().map(PlatformDoc::name)).collect();
+    let platforms: Vec<String> = manifests
+        .iter()
+        .filter_map(|e| e.platform.as_ref().map(PlatformDoc::name))
+        .collect();
     let wanted = |p: &PlatformDoc| {
         p.name() == platform
-            || (platform.matches('/').count() == 1 && format!("{}/{}", p.os, p.architecture) == platform)
+            || (platform.matches('/').count() == 1
+                && format!("{}/{}", p.os, p.architecture) == platform)
     };
     let entry = manifests
         .iter()
         .find(|e| e.platform.as_ref().is_some_and(wanted))
         .ok_or_else(|| RegistryError::NotFound {
             registry: registry.into(),
-            what: format!("platform {platform} in {what} (has {})", platforms.join(", ")),
+            what: format!(
+                "platform {platform} in {what} (has {})",
+                platforms.join(", ")
+            ),
         })?;
     let child = Digest::parse(&entry.digest).map_err(|e| invalid(format!("index entry: {e}")))?;
     Ok(Resolved {
@@ -536,10 +618,15 @@ fn pick_platform(
 fn next_link(headers: &header::HeaderMap) -> Option<String> {
     let link = headers.get(header::LINK)?.to_str().ok()?;
     for part in link.split(',') {
-        let Some((url, params)) = part.split_once(';') else { continue };
-        let is_next = params
-            .split(';')
-            .any(|p| matches!(p.trim().replace(' ', "").as_str(), "rel=\"next\"" | "rel=next"));
+        let Some((url, params)) = part.split_once(';') else {
+            continue;
+        };
+        let is_next = params.split(';').any(|p| {
+            matches!(
+                p.trim().replace(' ', "").as_str(),
+                "rel=\"next\"" | "rel=next"
+            )
+        });
         if is_next {
             let url = url.trim().trim_start_matches('<').trim_end_matches('>');
             // Keep only path and query, so the host stays the one we trust.
@@ -566,7 +653,9 @@ pub async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<V
     if let Some(len) = resp.content_length()
         && len > limit as u64
     {
-        return Err(format!("body of {len} bytes exceeds the {limit} byte limit"));
+        return Err(format!(
+            "body of {len} bytes exceeds the {limit} byte limit"
+        ));
     }
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| describe_reqwest(&e))? {
@@ -609,9 +698,22 @@ mod tests {
     #[test]
     fn link_pagination() {
         let mut h = header::HeaderMap::new();
-        h.insert(header::LINK, "</v2/a/b/tags/list?last=x&n=2>; rel=\"next\"".parse().unwrap());
-        assert_eq!(next_link(&h).as_deref(), Some("/v2/a/b/tags/list?last=x&n=2"));
-        h.insert(header::LINK, "<https://r.example/v2/a/tags/list?last=y>; rel=next".parse().unwrap());
+        h.insert(
+            header::LINK,
+            "</v2/a/b/tags/list?last=x&n=2>; rel=\"next\""
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("/v2/a/b/tags/list?last=x&n=2")
+        );
+        h.insert(
+            header::LINK,
+            "<https://r.example/v2/a/tags/list?last=y>; rel=next"
+                .parse()
+                .unwrap(),
+        );
         assert_eq!(next_link(&h).as_deref(), Some("/v2/a/tags/list?last=y"));
     }
 
@@ -623,12 +725,22 @@ mod tests {
             r#"{{"mediaType":"{MEDIA_OCI_INDEX}","manifests":[{{"digest":"{d1}","platform":{{"os":"linux","architecture":"amd64"}}}},{{"digest":"{d2}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}}]}}"#
         );
         let top = Digest::sha256_of(body.as_bytes());
-        let r = pick_platform("r", "w", body.as_bytes(), Some(MEDIA_OCI_INDEX.into()), top.clone(), "linux/arm64")
-            .unwrap();
+        let r = pick_platform(
+            "r",
+            "w",
+            body.as_bytes(),
+            Some(MEDIA_OCI_INDEX.into()),
+            top.clone(),
+            "linux/arm64",
+        )
+        .unwrap();
         assert_eq!(r.digest.as_str(), d2);
         let e = pick_platform("r", "w", body.as_bytes(), None, top, "linux/s390x").unwrap_err();
         assert_eq!(e.reason(), "NotFound");
-        assert_eq!(list_platforms(body.as_bytes()), vec!["linux/amd64", "linux/arm64/v8"]);
+        assert_eq!(
+            list_platforms(body.as_bytes()),
+            vec!["linux/amd64", "linux/arm64/v8"]
+        );
     }
 
     #[test]

@@ -155,7 +155,12 @@ impl Store {
         blocking!(self, s => s.fire(&t, &g, &d, delivery.as_ref(), now_ms))
     }
 
-    pub async fn due_deliveries(&self, now_ms: i64, limit: usize, exclude: Vec<i64>) -> Result<Vec<Delivery>, StoreError> {
+    pub async fn due_deliveries(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        exclude: Vec<i64>,
+    ) -> Result<Vec<Delivery>, StoreError> {
         blocking!(self, s => s.due_deliveries(now_ms, limit, &exclude))
     }
 
@@ -175,7 +180,11 @@ impl Store {
         blocking!(self, s => s.update_delivery(id, state, attempts, next_at, error.as_deref(), now_ms))
     }
 
-    pub async fn deliveries(&self, trigger: &str, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+    pub async fn deliveries(
+        &self,
+        trigger: &str,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
         let t = trigger.to_string();
         blocking!(self, s => s.deliveries(&t, limit))
     }

@@ -64,19 +64,25 @@ impl SqliteStore {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
         // NORMAL in WAL mode is durable against process crashes (the case SPEC 7 is about);
         // only an OS crash can lose the last transactions.
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
-        conn.pragma_update(None, "busy_timeout", 5000).map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "busy_timeout", 5000)
+            .map_err(db_err)?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -116,7 +122,11 @@ impl SqliteStore {
         let mut c = self.conn();
         let tx = c.transaction().map_err(db_err)?;
         let cur: Option<i64> = tx
-            .query_row("SELECT rev FROM streams WHERE key = ?1", [&commit.key], |r| r.get(0))
+            .query_row(
+                "SELECT rev FROM streams WHERE key = ?1",
+                [&commit.key],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(db_err)?;
         if cur != commit.expected_rev {
@@ -150,10 +160,14 @@ impl SqliteStore {
     pub fn pending_events(&self, limit: usize) -> Result<Vec<(i64, Event)>, StoreError> {
         let c = self.conn();
         let mut stmt = c
-            .prepare_cached("SELECT seq, event FROM outbox WHERE published = 0 ORDER BY seq LIMIT ?1")
+            .prepare_cached(
+                "SELECT seq, event FROM outbox WHERE published = 0 ORDER BY seq LIMIT ?1",
+            )
             .map_err(db_err)?;
         let rows = stmt
-            .query_map([limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .query_map([limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
             .map_err(db_err)?;
         let mut out = Vec::new();
         for row in rows {
@@ -165,7 +179,9 @@ impl SqliteStore {
 
     pub fn outbox_depth(&self) -> Result<i64, StoreError> {
         self.conn()
-            .query_row("SELECT COUNT(*) FROM outbox WHERE published = 0", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM outbox WHERE published = 0", [], |r| {
+                r.get(0)
+            })
             .map_err(db_err)
     }
 
@@ -235,7 +251,12 @@ impl SqliteStore {
         tx.commit().map_err(db_err)
     }
 
-    pub fn due_deliveries(&self, now_ms: i64, limit: usize, exclude: &[i64]) -> Result<Vec<Delivery>, StoreError> {
+    pub fn due_deliveries(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        exclude: &[i64],
+    ) -> Result<Vec<Delivery>, StoreError> {
         let c = self.conn();
         let mut stmt = c
             .prepare_cached(
@@ -244,7 +265,10 @@ impl SqliteStore {
             )
             .map_err(db_err)?;
         let rows = stmt
-            .query_map(params![now_ms, (limit + exclude.len()) as i64], row_to_delivery)
+            .query_map(
+                params![now_ms, (limit + exclude.len()) as i64],
+                row_to_delivery,
+            )
             .map_err(db_err)?;
         let mut out = Vec::new();
         for r in rows {
@@ -260,7 +284,11 @@ impl SqliteStore {
     /// The earliest `next_at` of a pending delivery, to sleep until then.
     pub fn next_due(&self) -> Result<Option<i64>, StoreError> {
         self.conn()
-            .query_row("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'", [], |r| r.get(0))
+            .query_row(
+                "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )
             .map_err(db_err)
     }
 
@@ -323,7 +351,9 @@ impl SqliteStore {
             .prepare_cached("SELECT tag, digest FROM trigger_state WHERE trigger = ?1 ORDER BY tag")
             .map_err(db_err)?;
         let rows = stmt
-            .query_map([trigger], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .query_map([trigger], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
             .map_err(db_err)?;
         for r in rows {
             let (t, d) = r.map_err(db_err)?;

@@ -32,20 +32,40 @@ async fn behaviour(store: Store) {
     let doc = ImageStream::new("default", "s", Utc::now());
     // create requires "must not exist"
     let rev = store
-        .commit(Commit { key: "default/s".into(), expected_rev: None, doc: Some(doc.clone()), events: vec![event("a", "d1")] })
+        .commit(Commit {
+            key: "default/s".into(),
+            expected_rev: None,
+            doc: Some(doc.clone()),
+            events: vec![event("a", "d1")],
+        })
         .await
         .unwrap();
     let again = store
-        .commit(Commit { key: "default/s".into(), expected_rev: None, doc: Some(doc.clone()), events: vec![] })
+        .commit(Commit {
+            key: "default/s".into(),
+            expected_rev: None,
+            doc: Some(doc.clone()),
+            events: vec![],
+        })
         .await;
     assert!(matches!(again, Err(StoreError::Conflict(_))));
     // stale revision conflicts, current succeeds
     let stale = store
-        .commit(Commit { key: "default/s".into(), expected_rev: Some(rev + 5), doc: Some(doc.clone()), events: vec![] })
+        .commit(Commit {
+            key: "default/s".into(),
+            expected_rev: Some(rev + 5),
+            doc: Some(doc.clone()),
+            events: vec![],
+        })
         .await;
     assert!(matches!(stale, Err(StoreError::Conflict(_))));
     let rev2 = store
-        .commit(Commit { key: "default/s".into(), expected_rev: Some(rev), doc: Some(doc.clone()), events: vec![event("a", "d2")] })
+        .commit(Commit {
+            key: "default/s".into(),
+            expected_rev: Some(rev),
+            doc: Some(doc.clone()),
+            events: vec![event("a", "d2")],
+        })
         .await
         .unwrap();
     assert!(rev2 > rev);
@@ -59,21 +79,42 @@ async fn behaviour(store: Store) {
     store.mark_published(vec![pending[0].0]).await.unwrap();
     assert_eq!(store.pending_events(10).await.unwrap().len(), 1);
     // trigger bookkeeping: supersede pending
-    store.fire("t", "default/s:a", "d1", Some(event("a", "d1")), 0).await.unwrap();
-    store.fire("t", "default/s:a", "d2", Some(event("a", "d2")), 0).await.unwrap();
-    assert_eq!(store.last_fired("t", "default/s:a").await.unwrap().as_deref(), Some("d2"));
+    store
+        .fire("t", "default/s:a", "d1", Some(event("a", "d1")), 0)
+        .await
+        .unwrap();
+    store
+        .fire("t", "default/s:a", "d2", Some(event("a", "d2")), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .last_fired("t", "default/s:a")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("d2")
+    );
     let due = store.due_deliveries(1, 10, vec![]).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].digest, "d2");
     let sum = store.summary("t").await.unwrap();
     assert_eq!((sum.pending, sum.superseded), (1, 1));
-    store.update_delivery(due[0].id, DeliveryState::Dead, 3, 0, Some("404".into()), 1).await.unwrap();
+    store
+        .update_delivery(due[0].id, DeliveryState::Dead, 3, 0, Some("404".into()), 1)
+        .await
+        .unwrap();
     assert_eq!(store.summary("t").await.unwrap().dead, 1);
     assert_eq!(store.retry_dead("t", 2).await.unwrap(), 1);
     assert_eq!(store.summary("t").await.unwrap().pending, 1);
     // delete
     store
-        .commit(Commit { key: "default/s".into(), expected_rev: Some(rev2), doc: None, events: vec![] })
+        .commit(Commit {
+            key: "default/s".into(),
+            expected_rev: Some(rev2),
+            doc: None,
+            events: vec![],
+        })
         .await
         .unwrap();
     assert!(store.get("default/s").await.unwrap().is_none());

@@ -91,7 +91,11 @@ pub fn current_event(engine: &Engine, s: &ImageStream, tag: &str) -> Option<Even
 }
 
 impl Triggers {
-    pub fn new(engine: Arc<Engine>, configs: &[TriggerConfig], delivery: DeliveryConfig) -> Arc<Triggers> {
+    pub fn new(
+        engine: Arc<Engine>,
+        configs: &[TriggerConfig],
+        delivery: DeliveryConfig,
+    ) -> Arc<Triggers> {
         crate::registry::install_crypto();
         let http = reqwest::Client::builder()
             .user_agent(concat!("istream/", env!("CARGO_PKG_VERSION")))
@@ -111,7 +115,9 @@ impl Triggers {
 
     /// Fires what is due for one tag (`ns/stream:tag`), for every trigger watching it.
     pub async fn plan(&self, tag_key: &str) -> Result<(), StoreError> {
-        let Some((stream_key, tag)) = tag_key.rsplit_once(':') else { return Ok(()) };
+        let Some((stream_key, tag)) = tag_key.rsplit_once(':') else {
+            return Ok(());
+        };
         let watching: Vec<&Arc<TriggerConfig>> = self
             .configs
             .iter()
@@ -120,8 +126,12 @@ impl Triggers {
         if watching.is_empty() {
             return Ok(());
         }
-        let Some((stream, _)) = self.engine.store.get(stream_key).await? else { return Ok(()) };
-        let Some(event) = current_event(&self.engine, &stream, tag) else { return Ok(()) };
+        let Some((stream, _)) = self.engine.store.get(stream_key).await? else {
+            return Ok(());
+        };
+        let Some(event) = current_event(&self.engine, &stream, tag) else {
+            return Ok(());
+        };
         let digest = event.data.digest.clone().unwrap_or_default();
         for t in watching {
             let last = self.engine.store.last_fired(&t.name, tag_key).await?;
@@ -136,7 +146,10 @@ impl Triggers {
                 Some(event.clone())
             };
             let queued = delivery.is_some();
-            self.engine.store.fire(&t.name, tag_key, &digest, delivery, now_ms()).await?;
+            self.engine
+                .store
+                .fire(&t.name, tag_key, &digest, delivery, now_ms())
+                .await?;
             if queued {
                 self.wake.notify_one();
             }
@@ -145,8 +158,16 @@ impl Triggers {
     }
 
     /// Plans every watched tag (at start), then each tag as it changes.
-    pub async fn run_planner(self: Arc<Self>, mut changed: mpsc::UnboundedReceiver<String>, cancel: CancellationToken) {
-        let mut all: Vec<String> = self.configs.iter().flat_map(|t| t.on.iter().map(|o| o.to_string())).collect();
+    pub async fn run_planner(
+        self: Arc<Self>,
+        mut changed: mpsc::UnboundedReceiver<String>,
+        cancel: CancellationToken,
+    ) {
+        let mut all: Vec<String> = self
+            .configs
+            .iter()
+            .flat_map(|t| t.on.iter().map(|o| o.to_string()))
+            .collect();
         all.sort();
         all.dedup();
         for k in &all {
@@ -182,16 +203,33 @@ impl Triggers {
         loop {
             let room = self.delivery.concurrency.saturating_sub(running.len());
             if room > 0 {
-                let exclude: Vec<i64> = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
-                match self.engine.store.due_deliveries(now_ms(), room, exclude).await {
+                let exclude: Vec<i64> = self
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied()
+                    .collect();
+                match self
+                    .engine
+                    .store
+                    .due_deliveries(now_ms(), room, exclude)
+                    .await
+                {
                     Ok(due) => {
                         for d in due {
-                            self.inflight.lock().unwrap_or_else(|e| e.into_inner()).insert(d.id);
+                            self.inflight
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(d.id);
                             let me = self.clone();
                             running.spawn(async move {
                                 let id = d.id;
                                 me.attempt(d).await;
-                                me.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                                me.inflight
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .remove(&id);
                             });
                         }
                     }
@@ -203,7 +241,11 @@ impl Triggers {
                 _ => Duration::from_secs(5),
             };
             // Due deliveries still in flight would make the wait zero: let them finish first.
-            let wait = if running.is_empty() { wait } else { wait.max(Duration::from_millis(50)) };
+            let wait = if running.is_empty() {
+                wait
+            } else {
+                wait.max(Duration::from_millis(50))
+            };
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.wake.notified() => {}
@@ -212,7 +254,10 @@ impl Triggers {
             }
         }
         // Let attempts in flight finish briefly; what does not is retried after restart.
-        let _ = tokio::time::timeout(Duration::from_secs(5), async { while running.join_next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
     }
 
     async fn attempt(&self, d: Delivery) {
@@ -221,7 +266,14 @@ impl Triggers {
             let _ = self
                 .engine
                 .store
-                .update_delivery(d.id, DeliveryState::Dead, d.attempts, d.next_at, Some("trigger no longer configured".into()), now_ms())
+                .update_delivery(
+                    d.id,
+                    DeliveryState::Dead,
+                    d.attempts,
+                    d.next_at,
+                    Some("trigger no longer configured".into()),
+                    now_ms(),
+                )
                 .await;
             return;
         };
@@ -243,29 +295,52 @@ impl Triggers {
                 if retry && !too_old {
                     crate::metrics::delivery(&cfg.name, "retry", secs);
                     tracing::warn!(trigger = %cfg.name, tag = %d.tag, attempts, error = %e, retry_in = ?delay, "delivery failed; will retry");
-                    (DeliveryState::Pending, now_ms() + delay.as_millis() as i64, Some(e.to_string()))
+                    (
+                        DeliveryState::Pending,
+                        now_ms() + delay.as_millis() as i64,
+                        Some(e.to_string()),
+                    )
                 } else {
                     crate::metrics::delivery(&cfg.name, "dead", secs);
-                    let why = if !e.retryable() { "permanent failure" } else if too_old { "too old" } else { "attempts exhausted" };
+                    let why = if !e.retryable() {
+                        "permanent failure"
+                    } else if too_old {
+                        "too old"
+                    } else {
+                        "attempts exhausted"
+                    };
                     tracing::error!(trigger = %cfg.name, tag = %d.tag, attempts, error = %e, "delivery dead ({why}); `istream triggers retry {}` re-queues it", cfg.name);
                     (DeliveryState::Dead, d.next_at, Some(e.to_string()))
                 }
             }
         };
-        if let Err(e) = self.engine.store.update_delivery(d.id, state, attempts, next_at, err, now_ms()).await {
+        if let Err(e) = self
+            .engine
+            .store
+            .update_delivery(d.id, state, attempts, next_at, err, now_ms())
+            .await
+        {
             tracing::error!(error = %e, delivery = d.id, "cannot record delivery result; it will be attempted again");
         }
     }
 
     /// Exponential backoff from `initial_backoff`, doubling, capped, with ±20% jitter.
     fn backoff(&self, attempts: u32) -> Duration {
-        let base = self.delivery.initial_backoff.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
-        base.min(self.delivery.max_backoff).mul_f64(0.8 + fastrand::f64() * 0.4)
+        let base = self
+            .delivery
+            .initial_backoff
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
+        base.min(self.delivery.max_backoff)
+            .mul_f64(0.8 + fastrand::f64() * 0.4)
     }
 
     pub async fn views(&self, name: Option<&str>) -> Result<Vec<TriggerView>, StoreError> {
         let mut out = Vec::new();
-        for t in self.configs.iter().filter(|t| name.is_none_or(|n| n == t.name)) {
+        for t in self
+            .configs
+            .iter()
+            .filter(|t| name.is_none_or(|n| n == t.name))
+        {
             let s = self.engine.store.summary(&t.name).await?;
             let deliveries = self
                 .engine

@@ -17,13 +17,22 @@ pub enum SinkError {
     #[error("{url}: {detail}")]
     Network { url: String, detail: String },
     #[error("{url} answered HTTP {status}{}", body_hint(.body))]
-    Status { url: String, status: u16, body: String, retry_after: Option<Duration> },
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+        retry_after: Option<Duration>,
+    },
     #[error("cannot build request: {0}")]
     Build(String),
 }
 
 fn body_hint(b: &str) -> String {
-    if b.is_empty() { String::new() } else { format!(": {b}") }
+    if b.is_empty() {
+        String::new()
+    } else {
+        format!(": {b}")
+    }
 }
 
 impl SinkError {
@@ -50,7 +59,12 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 
 /// The address of a URL without credentials or query, for errors and logs.
 fn show(u: &reqwest::Url) -> String {
-    format!("{}://{}{}", u.scheme(), u.host_str().unwrap_or(""), u.port().map(|p| format!(":{p}")).unwrap_or_default()) + u.path()
+    format!(
+        "{}://{}{}",
+        u.scheme(),
+        u.host_str().unwrap_or(""),
+        u.port().map(|p| format!(":{p}")).unwrap_or_default()
+    ) + u.path()
 }
 
 fn join(base: &reqwest::Url, path: &str) -> Result<reqwest::Url, SinkError> {
@@ -65,35 +79,77 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
     let image = d.image.clone().unwrap_or_default();
     let tag = e.subject.clone();
     let (url, req) = match &t.sink {
-        Sink::Webhook { url, secret, headers, body_template, signature_header } => {
+        Sink::Webhook {
+            url,
+            secret,
+            headers,
+            body_template,
+            signature_header,
+        } => {
             let (body, ctype) = match body_template {
-                Some(tpl) => (super::template::render(tpl, e).map_err(SinkError::Build)?, "application/json"),
-                None => (serde_json::to_string(e).map_err(|x| SinkError::Build(x.to_string()))?, "application/cloudevents+json"),
+                Some(tpl) => (
+                    super::template::render(tpl, e).map_err(SinkError::Build)?,
+                    "application/json",
+                ),
+                None => (
+                    serde_json::to_string(e).map_err(|x| SinkError::Build(x.to_string()))?,
+                    "application/cloudevents+json",
+                ),
             };
             let mut req = http.post(url.clone()).header(header::CONTENT_TYPE, ctype);
             for (k, v) in headers {
                 req = req.header(k.as_str(), v.as_str());
             }
             if let Some(s) = secret {
-                req = req.header(signature_header.as_str(), sign(s.expose().as_bytes(), body.as_bytes()));
+                req = req.header(
+                    signature_header.as_str(),
+                    sign(s.expose().as_bytes(), body.as_bytes()),
+                );
             }
             (url.clone(), req.body(body))
         }
-        Sink::GithubDispatch { api, repo, event_type, token } => {
+        Sink::GithubDispatch {
+            api,
+            repo,
+            event_type,
+            token,
+        } => {
             let url = join(api, &format!("/repos/{repo}/dispatches"))?;
             let body = serde_json::json!({ "event_type": event_type, "client_payload": d });
-            (url.clone(), github(http.post(url), token.expose()).json(&body))
+            (
+                url.clone(),
+                github(http.post(url), token.expose()).json(&body),
+            )
         }
-        Sink::GithubWorkflow { api, repo, workflow, git_ref, token } => {
-            let url = join(api, &format!("/repos/{repo}/actions/workflows/{workflow}/dispatches"))?;
+        Sink::GithubWorkflow {
+            api,
+            repo,
+            workflow,
+            git_ref,
+            token,
+        } => {
+            let url = join(
+                api,
+                &format!("/repos/{repo}/actions/workflows/{workflow}/dispatches"),
+            )?;
             let body = serde_json::json!({
                 "ref": git_ref,
                 "inputs": { "digest": digest, "image": image, "tag": tag },
             });
-            (url.clone(), github(http.post(url), token.expose()).json(&body))
+            (
+                url.clone(),
+                github(http.post(url), token.expose()).json(&body),
+            )
         }
-        Sink::Gitlab { api, project, git_ref, token } => {
-            let encoded = percent_encoding::utf8_percent_encode(project, percent_encoding::NON_ALPHANUMERIC).to_string();
+        Sink::Gitlab {
+            api,
+            project,
+            git_ref,
+            token,
+        } => {
+            let encoded =
+                percent_encoding::utf8_percent_encode(project, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string();
             let url = join(api, &format!("/api/v4/projects/{encoded}/trigger/pipeline"))?;
             let form = [
                 ("token", token.expose().to_string()),
@@ -104,10 +160,23 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
             ];
             (url.clone(), http.post(url).form(&form))
         }
-        Sink::Jenkins { job_url, user, token } => {
+        Sink::Jenkins {
+            job_url,
+            user,
+            token,
+        } => {
             let url = join(job_url, "/buildWithParameters")?;
-            let form = [("ISTREAM_DIGEST", digest), ("ISTREAM_IMAGE", image), ("ISTREAM_TAG", tag)];
-            (url.clone(), http.post(url).basic_auth(user, Some(token.expose())).form(&form))
+            let form = [
+                ("ISTREAM_DIGEST", digest),
+                ("ISTREAM_IMAGE", image),
+                ("ISTREAM_TAG", tag),
+            ];
+            (
+                url.clone(),
+                http.post(url)
+                    .basic_auth(user, Some(token.expose()))
+                    .form(&form),
+            )
         }
     };
     let resp = req
@@ -115,7 +184,10 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
         .timeout(t.timeout)
         .send()
         .await
-        .map_err(|x| SinkError::Network { url: show(&url), detail: crate::registry::describe_reqwest(&x) })?;
+        .map_err(|x| SinkError::Network {
+            url: show(&url),
+            detail: crate::registry::describe_reqwest(&x),
+        })?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());
@@ -126,9 +198,20 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
         None
     };
     // A short excerpt of the receiver's answer helps; more would fill the store.
-    let body = crate::registry::read_limited(resp, 64 << 10).await.unwrap_or_default();
-    let body: String = String::from_utf8_lossy(&body).chars().filter(|c| !c.is_control()).take(200).collect();
-    Err(SinkError::Status { url: show(&url), status: status.as_u16(), body, retry_after })
+    let body = crate::registry::read_limited(resp, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let body: String = String::from_utf8_lossy(&body)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    Err(SinkError::Status {
+        url: show(&url),
+        status: status.as_u16(),
+        body,
+        retry_after,
+    })
 }
 
 fn github(req: reqwest::RequestBuilder, token: &str) -> reqwest::RequestBuilder {

@@ -35,13 +35,15 @@ pub fn render(tpl: &str, e: &Event) -> Result<String, String> {
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or_else(|| format!("unclosed '{{{{' at byte {}", tpl.len() - rest.len() + start))?;
+        let end = after
+            .find("}}")
+            .ok_or_else(|| format!("unclosed '{{{{' at byte {}", tpl.len() - rest.len() + start))?;
         let path = after[..end].trim();
         let mut v = &doc;
         for part in path.split('.') {
-            v = v
-                .get(part)
-                .ok_or_else(|| format!("unknown field \"{path}\" (try data.digest, data.image, subject, id)"))?;
+            v = v.get(part).ok_or_else(|| {
+                format!("unknown field \"{path}\" (try data.digest, data.image, subject, id)")
+            })?;
         }
         match v {
             serde_json::Value::String(s) => out.push_str(s),

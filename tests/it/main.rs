@@ -1,0 +1,7 @@
+//! Integration tests: the real `istream` binary against a real registry, NATS and a local
+//! receiver. One test binary (one link) with a module per area.
+
+mod support;
+
+mod bad_input;
+mod walkthrough;

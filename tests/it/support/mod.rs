@@ -1,0 +1,650 @@
+//! The test harness: real services on free loopback ports, started per test and stopped on
+//! drop — Debian's `docker-registry`, `nats-server` (>= 2.10), the `istream` binary itself —
+//! plus a helper that pushes images over the registry API and a recording HTTP receiver that
+//! stands in for a CI system. Waits poll for conditions with generous deadlines.
+
+#![allow(dead_code)]
+
+pub mod receiver;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `f` until it returns Some, or panics naming `what` after `DEADLINE`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Collects a child's stderr lines and lets tests wait for one.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn follow(&self, stream: impl std::io::Read + Send + 'static) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+
+    pub fn find(&self, needle: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned()
+    }
+
+    pub fn wait_line(&self, needle: &str, child: &mut Child) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.find(needle) {
+                return l;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "process exited ({status}) before logging {needle:?}:\n{}",
+                    self.text()
+                );
+            }
+            if start.elapsed() > DEADLINE {
+                panic!("timed out waiting for {needle:?} in log:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A real CNCF distribution registry (Debian's `docker-registry`).
+pub struct Registry {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub host: String,
+    pub log: Log,
+}
+
+#[derive(Default)]
+pub struct RegistryOptions {
+    /// `notifications.endpoints` target URL and bearer token.
+    pub notify: Option<(String, String)>,
+    /// htpasswd basic auth (user, bcrypt line).
+    pub htpasswd: Option<String>,
+    /// Log every request (for counting checks).
+    pub access_log: bool,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        Registry::start_with(RegistryOptions::default())
+    }
+
+    pub fn start_with(o: RegistryOptions) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n  secret: test\n",
+            !o.access_log,
+            dir.path().join("data").display()
+        );
+        if let Some(line) = &o.htpasswd {
+            let p = dir.path().join("htpasswd");
+            std::fs::write(&p, format!("{line}\n")).unwrap();
+            cfg += &format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                p.display()
+            );
+        }
+        if let Some((url, token)) = &o.notify {
+            cfg += &format!(
+                "notifications:\n  endpoints:\n    - name: istream\n      url: {url}\n      headers:\n        Authorization: [\"Bearer {token}\"]\n      timeout: 2s\n      threshold: 5\n      backoff: 200ms\n      ignoredmediatypes:\n        - application/octet-stream\n      ignore:\n        actions:\n          - pull\n"
+            );
+        }
+        let path = dir.path().join("config.yml");
+        std::fs::write(&path, cfg).unwrap();
+        let mut child = Command::new(registry_bin())
+            .arg("serve")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect(
+                "docker-registry runs (apt-get install docker-registry; scripts/test.sh does it)",
+            );
+        let log = Log::default();
+        log.follow(child.stderr.take().unwrap());
+        let line = log.wait_line("listening on ", &mut child);
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .split(['"', ' '])
+            .next()
+            .unwrap()
+            .to_string();
+        Registry {
+            child,
+            dir,
+            host: addr,
+            log,
+        }
+    }
+
+    /// Stops the registry process (its data stays), for outage tests.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let path = self.dir.path().join("config.yml");
+        let cfg = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("addr: 127.0.0.1:0", &format!("addr: {}", self.host));
+        std::fs::write(&path, cfg).unwrap();
+        let mut child = Command::new(registry_bin())
+            .arg("serve")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Log::default();
+        log.follow(child.stderr.take().unwrap());
+        log.wait_line("listening on ", &mut child);
+        self.child = child;
+        self.log = log;
+    }
+
+    /// Number of manifest requests the registry logged (needs `access_log`).
+    pub fn manifest_requests(&self) -> usize {
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| {
+                l.contains("/manifests/") && (l.contains("\"HEAD ") || l.contains("\"GET "))
+            })
+            .count()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn registry_bin() -> PathBuf {
+    std::env::var_os("ISTREAM_TEST_REGISTRY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("docker-registry"))
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
+}
+
+/// Pushes blobs and manifests over the distribution API, as `docker push` would.
+pub struct Pusher {
+    http: reqwest::Client,
+    pub host: String,
+    auth: Option<(String, String)>,
+}
+
+impl Pusher {
+    pub fn new(host: &str) -> Pusher {
+        istream::registry::install_crypto();
+        Pusher {
+            http: reqwest::Client::new(),
+            host: host.to_string(),
+            auth: None,
+        }
+    }
+
+    pub fn with_basic(host: &str, user: &str, pass: &str) -> Pusher {
+        istream::registry::install_crypto();
+        Pusher {
+            http: reqwest::Client::new(),
+            host: host.to_string(),
+            auth: Some((user.into(), pass.into())),
+        }
+    }
+
+    fn req(&self, m: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let r = self.http.request(m, url);
+        match &self.auth {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        }
+    }
+
+    pub async fn blob(&self, repo: &str, data: &[u8]) -> String {
+        let d = sha256(data);
+        let url = format!("http://{}/v2/{repo}/blobs/uploads/", self.host);
+        let r = self.req(reqwest::Method::POST, url).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 202, "blob upload start in {repo}");
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        let loc = if loc.starts_with('/') {
+            format!("http://{}{loc}", self.host)
+        } else {
+            loc
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let r = self
+            .req(reqwest::Method::PUT, format!("{loc}{sep}digest={d}"))
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            201,
+            "blob upload to {repo}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        d
+    }
+
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> String {
+        let url = format!("http://{}/v2/{repo}/manifests/{reference}", self.host);
+        let r = self
+            .req(reqwest::Method::PUT, url)
+            .header("content-type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            201,
+            "manifest PUT {repo}:{reference}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        sha256(body)
+    }
+
+    /// A small single-platform image whose content depends on `seed`; returns its digest.
+    pub async fn image(&self, repo: &str, tag: &str, seed: &str) -> String {
+        self.image_manifest(repo, tag, seed, "linux", "amd64").await
+    }
+
+    async fn image_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        seed: &str,
+        os: &str,
+        arch: &str,
+    ) -> String {
+        let config = format!(
+            r#"{{"architecture":"{arch}","os":"{os}","config":{{"Labels":{{"seed":"{seed}"}}}},"rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+        );
+        let layer = format!("layer {seed} {os}/{arch}");
+        let cd = self.blob(repo, config.as_bytes()).await;
+        let ld = self.blob(repo, layer.as_bytes()).await;
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","size":{},"digest":"{cd}"}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":{},"digest":"{ld}"}}]}}"#,
+            config.len(),
+            layer.len()
+        );
+        self.manifest(
+            repo,
+            reference,
+            "application/vnd.docker.distribution.manifest.v2+json",
+            m.as_bytes(),
+        )
+        .await
+    }
+
+    /// An OCI index with one image per (os, arch, seed); returns (index digest, children).
+    pub async fn index(
+        &self,
+        repo: &str,
+        tag: &str,
+        platforms: &[(&str, &str, &str)],
+    ) -> (String, Vec<String>) {
+        let mut children = Vec::new();
+        let mut entries = Vec::new();
+        for (os, arch, seed) in platforms {
+            let d = self
+                .image_manifest(repo, &format!("{seed}-{os}-{arch}"), seed, os, arch)
+                .await;
+            let size = self
+                .http
+                .head(format!("http://{}/v2/{repo}/manifests/{d}", self.host))
+                .header(
+                    "accept",
+                    "application/vnd.docker.distribution.manifest.v2+json",
+                )
+                .send()
+                .await
+                .unwrap()
+                .content_length()
+                .unwrap_or(0);
+            entries.push(format!(
+                r#"{{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","size":{size},"digest":"{d}","platform":{{"architecture":"{arch}","os":"{os}"}}}}"#
+            ));
+            children.push(d);
+        }
+        let idx = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+            entries.join(",")
+        );
+        let d = self
+            .manifest(
+                repo,
+                tag,
+                "application/vnd.oci.image.index.v1+json",
+                idx.as_bytes(),
+            )
+            .await;
+        (d, children)
+    }
+}
+
+/// The `istream serve` binary with a config in a temp dir.
+pub struct Engine {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub url: String,
+    pub log: Log,
+    config: String,
+    env: Vec<(String, String)>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_istream")
+}
+
+impl Engine {
+    /// Starts the engine with `extra` appended to a config that has `[server]` and `[store]`.
+    pub fn start(extra: &str) -> Engine {
+        Engine::start_env(extra, &[])
+    }
+
+    pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Engine {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\npath = \"{}\"\n\n{extra}\n",
+            dir.join("istream.db").display()
+        );
+        let mut e = Engine {
+            child: None,
+            dir,
+            _tmp: Some(tmp),
+            url: String::new(),
+            log: Log::default(),
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let cfg = self.dir.join("triggers.toml");
+        std::fs::write(&cfg, &self.config).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd.env("RUST_LOG", "info,istream=debug");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = Log::default();
+        log.follow(child.stderr.take().unwrap());
+        let line = log.wait_line("istream listening on http://", &mut child);
+        let addr = line
+            .split("listening on http://")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        self.url = format!("http://{addr}");
+        self.child = Some(child);
+        self.log = log;
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let start = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && start.elapsed() < DEADLINE {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `kill -9`: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again with the same config and store, on a new port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn restart_after_crash(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs the CLI against this engine.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .env("ISTREAM_SERVER", &self.url)
+            .env_remove("ISTREAM_NAMESPACE")
+            .env_remove("ISTREAM_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// `get istag NAME -o json`, parsed; None when it fails.
+    pub fn istag(&self, name: &str) -> Option<serde_json::Value> {
+        let o = self.cli(&["get", "istag", name, "-o", "json"]);
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        istream::registry::install_crypto();
+        reqwest::get(format!("{}{path}", self.url)).await.unwrap()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts an exit code, showing the output when it differs.
+#[track_caller]
+pub fn expect_code(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// `nats-server` >= 2.10: `$ISTREAM_TEST_NATS`, else the one scripts/test.sh installs.
+pub fn nats_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ISTREAM_TEST_NATS") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("nats-server")
+}
+
+/// A real NATS server with JetStream on free ports.
+pub struct Nats {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        Nats::start_bin(nats_bin(), None)
+    }
+
+    pub fn start_bin(bin: PathBuf, port: Option<u16>) -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = Nats {
+            child: None,
+            dir,
+            url: String::new(),
+            port: port.unwrap_or(0),
+            bin,
+        };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).unwrap();
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
+        let child = Command::new(&self.bin)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-m",
+                "-1",
+                "--ports_file_dir",
+            ])
+            .arg(&ports_dir)
+            .arg("-sd")
+            .arg(self.dir.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server runs (scripts/test.sh installs it)");
+        let start = Instant::now();
+        let ports = loop {
+            let file = std::fs::read_dir(&ports_dir)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| e.ok())
+                .map(|e| e.path());
+            if let Some(f) = file
+                && let Ok(text) = std::fs::read_to_string(&f)
+                && text.contains("nats")
+            {
+                break text;
+            }
+            if start.elapsed() > DEADLINE {
+                panic!("nats-server did not write its ports file");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let v: serde_json::Value = serde_json::from_str(&ports).unwrap();
+        self.url = v["nats"][0].as_str().unwrap().to_string();
+        self.port = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and JetStream directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
