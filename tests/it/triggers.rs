@@ -1,0 +1,408 @@
+//! Image change triggers against a local receiver standing in for CI: exact requests per sink,
+//! retries, dead deliveries, superseding, aliases, skip_initial, and a crash mid-delivery.
+
+use std::time::{Duration, Instant};
+
+use hmac::Mac;
+
+use crate::support::receiver::Receiver;
+use crate::support::*;
+
+fn hmac_hex(secret: &str, body: &[u8]) -> String {
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(body);
+    format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+}
+
+const FAST: &str =
+    "[delivery]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\nmax_attempts = 4\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sink_sends_its_exact_request() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let d1 = push.image("team/app", "latest", "1").await;
+    let rx = Receiver::start().await;
+    let u = &rx.url;
+    let e = Engine::start_env(
+        &format!(
+            "{FAST}
+[[trigger]]
+name = \"hook\"
+on = [\"app:latest\"]
+webhook = {{ url = \"{u}/hooks/app\", secret_env = \"T_HOOK_SECRET\", headers = {{ X-Extra = \"1\" }} }}
+
+[[trigger]]
+name = \"gh\"
+on = [\"app:latest\"]
+github = {{ repo = \"acme/app\", event_type = \"base-image-changed\", token_env = \"T_GH\", api_url = \"{u}/gh\" }}
+
+[[trigger]]
+name = \"ghwf\"
+on = [\"app:latest\"]
+github = {{ repo = \"acme/app\", workflow = \"build.yml\", ref = \"main\", token_env = \"T_GH\", api_url = \"{u}/gh\" }}
+
+[[trigger]]
+name = \"gl\"
+on = [\"app:latest\"]
+gitlab = {{ project = \"acme/app\", ref = \"main\", token_env = \"T_GL\", api_url = \"{u}/gl\" }}
+
+[[trigger]]
+name = \"jk\"
+on = [\"app:latest\"]
+jenkins = {{ job_url = \"{u}/job/app\", user = \"bot\", token_env = \"T_JK\" }}
+"
+        ),
+        &[("T_HOOK_SECRET", "s3cr3t-hook"), ("T_GH", "gh-token-123"), ("T_GL", "gl-token-456"), ("T_JK", "jk-token-789")],
+    );
+    expect_code(
+        &e.cli(&[
+            "import-image",
+            "app",
+            &format!("--from={}/team/app", reg.host),
+            "--confirm",
+        ]),
+        0,
+    );
+    let reqs = rx.wait_requests(5).await;
+    let t = e.istag("app:latest").unwrap();
+    let event_id = t["history"][0]["id"].as_str().unwrap().to_string();
+    for r in &reqs {
+        assert_eq!(r.method, "POST");
+        assert_eq!(
+            r.header("idempotency-key").as_deref(),
+            Some(event_id.as_str()),
+            "{}",
+            r.path
+        );
+    }
+    let by = |p: &str| {
+        reqs.iter().find(|r| r.path == p).unwrap_or_else(|| {
+            panic!(
+                "no request to {p}: {:?}",
+                reqs.iter().map(|r| &r.path).collect::<Vec<_>>()
+            )
+        })
+    };
+
+    let w = by("/hooks/app");
+    let ce = w.json();
+    assert_eq!(ce["specversion"], "1.0");
+    assert_eq!(ce["type"], "io.istream.tag.changed");
+    assert_eq!(ce["id"], event_id.as_str());
+    assert_eq!(ce["subject"], "default/app:latest");
+    assert_eq!(ce["datacontenttype"], "application/json");
+    assert!(
+        ce["source"].as_str().unwrap().starts_with("istream://")
+            && ce["source"].as_str().unwrap().ends_with("/default/app")
+    );
+    assert_eq!(ce["data"]["digest"], d1.as_str());
+    assert_eq!(ce["data"]["previous"], serde_json::Value::Null);
+    assert_eq!(
+        ce["data"]["image"],
+        format!("{}/team/app@{d1}", reg.host).as_str()
+    );
+    assert_eq!(ce["data"]["cause"], "import");
+    assert_eq!(ce["data"]["namespace"], "default");
+    assert_eq!(ce["data"]["stream"], "app");
+    assert_eq!(ce["data"]["tag"], "latest");
+    assert_eq!(
+        w.header("x-istream-signature-256").unwrap(),
+        hmac_hex("s3cr3t-hook", &w.body)
+    );
+    assert_eq!(w.header("x-extra").as_deref(), Some("1"));
+
+    let g = by("/gh/repos/acme/app/dispatches");
+    assert_eq!(
+        g.header("authorization").as_deref(),
+        Some("Bearer gh-token-123")
+    );
+    assert_eq!(g.json()["event_type"], "base-image-changed");
+    assert_eq!(g.json()["client_payload"]["digest"], d1.as_str());
+
+    let wf = by("/gh/repos/acme/app/actions/workflows/build.yml/dispatches");
+    assert_eq!(wf.json()["ref"], "main");
+    assert_eq!(wf.json()["inputs"]["digest"], d1.as_str());
+
+    let gl = by("/gl/api/v4/projects/acme%2Fapp/trigger/pipeline");
+    assert!(
+        gl.header("content-type")
+            .unwrap()
+            .starts_with("application/x-www-form-urlencoded")
+    );
+    let form = gl.form();
+    let get = |k: &str| form.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+    assert_eq!(get("token").as_deref(), Some("gl-token-456"));
+    assert_eq!(get("ref").as_deref(), Some("main"));
+    assert_eq!(
+        get("variables[ISTREAM_DIGEST]").as_deref(),
+        Some(d1.as_str())
+    );
+    assert_eq!(
+        get("variables[ISTREAM_TAG]").as_deref(),
+        Some("default/app:latest")
+    );
+    assert!(get("variables[ISTREAM_IMAGE]").unwrap().ends_with(&d1));
+
+    let j = by("/job/app/buildWithParameters");
+    use base64::Engine as _;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("bot:jk-token-789")
+    );
+    assert_eq!(j.header("authorization").as_deref(), Some(basic.as_str()));
+    assert!(j.form().contains(&("ISTREAM_DIGEST".into(), d1.clone())));
+
+    // the same image never fires twice, also not after a restart
+    expect_code(&e.cli(&["import-image", "app"]), 0);
+    let mut e = e;
+    e.restart();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.requests().len(), 5);
+    // secrets never reach the log
+    for s in [
+        "s3cr3t-hook",
+        "gh-token-123",
+        "gl-token-456",
+        "jk-token-789",
+    ] {
+        assert!(!e.log.text().contains(s), "secret {s} in the log");
+    }
+}
+
+async fn trigger_json(e: &Engine, name: &str) -> serde_json::Value {
+    let o = e.cli(&["triggers", name, "-o", "json"]);
+    expect_code(&o, 0);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_honour_retry_after_then_dead_and_retry() {
+    let reg = Registry::start();
+    Pusher::new(&reg.host).image("a/app", "latest", "1").await;
+    let rx = Receiver::start().await;
+    rx.script(&[(500, &[]), (429, &[("retry-after", "1")]), (200, &[])]);
+    let rx2 = Receiver::start().await;
+    rx2.script(&[(404, &[])]);
+    let e = Engine::start(&format!(
+        "{FAST}
+[[trigger]]
+name = \"flaky\"
+on = [\"app:latest\"]
+webhook = {{ url = \"{}/x\" }}
+
+[[trigger]]
+name = \"gone\"
+on = [\"app:latest\"]
+webhook = {{ url = \"{}/missing\" }}
+",
+        rx.url, rx2.url
+    ));
+    expect_code(
+        &e.cli(&[
+            "import-image",
+            "app",
+            &format!("--from={}/a/app", reg.host),
+            "--confirm",
+        ]),
+        0,
+    );
+    let reqs = rx.wait_requests(3).await;
+    let keys: Vec<_> = reqs.iter().map(|r| r.header("idempotency-key")).collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] == w[1]),
+        "one change, one key: {keys:?}"
+    );
+    let flaky = wait_for("flaky delivered", || async {
+        let t = trigger_json(&e, "flaky").await;
+        (t["delivered"] == 1).then_some(t)
+    })
+    .await;
+    assert_eq!(flaky["deliveries"][0]["attempts"], 3);
+
+    // a permanent 404 is dead at once, shown, and `triggers retry` delivers it
+    let gone = wait_for("dead delivery", || async {
+        let t = trigger_json(&e, "gone").await;
+        (t["dead"] == 1).then_some(t)
+    })
+    .await;
+    assert_eq!(gone["deliveries"][0]["attempts"], 1);
+    assert!(
+        gone["deliveries"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("404")
+    );
+    let o = e.cli(&["triggers"]);
+    expect_code(&o, 0);
+    assert!(
+        stdout(&o).contains("gone") && stdout(&o).contains("DEAD"),
+        "{}",
+        stdout(&o)
+    );
+    let o = e.cli(&["triggers", "retry", "gone"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("Re-queued 1"), "{}", stdout(&o));
+    rx2.wait_requests(2).await;
+    wait_for("retried delivery delivered", || async {
+        (trigger_json(&e, "gone").await["delivered"] == 1).then_some(())
+    })
+    .await;
+    expect_code(&e.cli(&["triggers", "retry", "nope"]), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let reg = Registry::start();
+    Pusher::new(&reg.host).image("a/app", "latest", "1").await;
+    let rx = Receiver::start().await;
+    rx.script(&[(503, &[("retry-after", "2")])]);
+    let e = Engine::start(&format!(
+        "{FAST}\n[[trigger]]\nname = \"t\"\non = [\"app:latest\"]\nwebhook = {{ url = \"{}/x\" }}\n",
+        rx.url
+    ));
+    expect_code(
+        &e.cli(&[
+            "import-image",
+            "app",
+            &format!("--from={}/a/app", reg.host),
+            "--confirm",
+        ]),
+        0,
+    );
+    rx.wait_requests(1).await;
+    let first = Instant::now();
+    rx.wait_requests(2).await;
+    assert!(
+        first.elapsed() >= Duration::from_millis(1500),
+        "retried after {:?}, before Retry-After: 2",
+        first.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_image_supersedes_pending_and_aliases_fire() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    push.image("a/py", "3.6", "1").await;
+    let rx = Receiver::start().await;
+    // the first delivery waits out a long Retry-After, so the next image supersedes it
+    rx.script(&[(503, &[("retry-after", "30")])]);
+    let e = Engine::start(&format!(
+        "{FAST}
+[[stream]]
+name = \"py\"
+tags = [
+  {{ name = \"3.6\", from.image = \"{}/a/py:3.6\" }},
+  {{ name = \"latest\", from.tag = \"3.6\", alias = true }},
+]
+
+[[trigger]]
+name = \"t\"
+on = [\"py:latest\"]
+webhook = {{ url = \"{}/x\" }}
+",
+        reg.host, rx.url
+    ));
+    rx.wait_requests(1).await;
+    let d2 = push.image("a/py", "3.6", "2").await;
+    expect_code(&e.cli(&["import-image", "py:3.6"]), 0);
+    assert_eq!(
+        e.istag("py:latest").unwrap()["digest"],
+        d2.as_str(),
+        "the alias follows"
+    );
+    let reqs = rx.wait_requests(2).await;
+    assert_eq!(reqs[1].json()["data"]["digest"], d2.as_str());
+    assert_eq!(reqs[1].json()["subject"], "default/py:latest");
+    let t = wait_for("superseded recorded", || async {
+        let t = trigger_json(&e, "t").await;
+        (t["superseded"] == 1 && t["delivered"] == 1).then_some(t)
+    })
+    .await;
+    assert_eq!(t["last_fired"]["default/py:latest"], d2.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_initial_records_the_first_image_only() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    push.image("a/app", "latest", "1").await;
+    let rx = Receiver::start().await;
+    let cfg = format!(
+        "{FAST}
+[[stream]]
+name = \"app\"
+tags = [ {{ name = \"latest\", from.image = \"{}/a/app\" }} ]
+
+[[trigger]]
+name = \"t\"
+on = [\"app:latest\"]
+skip_initial = true
+webhook = {{ url = \"{}/x\" }}
+",
+        reg.host, rx.url
+    );
+    let e = Engine::start(&cfg);
+    let t = wait_for("first image recorded", || async {
+        let t = trigger_json(&e, "t").await;
+        (t["last_fired"]["default/app:latest"].is_string()).then_some(t)
+    })
+    .await;
+    assert_eq!(t["pending"], 0);
+    let d2 = push.image("a/app", "latest", "2").await;
+    expect_code(&e.cli(&["import-image", "app"]), 0);
+    let reqs = rx.wait_requests(1).await;
+    assert_eq!(reqs[0].json()["data"]["digest"], d2.as_str());
+    assert_eq!(reqs.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_delivery_loses_nothing() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(300));
+    let n = 12;
+    let mut cfg = String::from("[delivery]\nconcurrency = 2\ninitial_backoff = \"100ms\"\n");
+    for i in 0..n {
+        push.image(&format!("a/s{i}"), "latest", "1").await;
+        cfg += &format!(
+            "\n[[trigger]]\nname = \"t{i}\"\non = [\"s{i}:latest\"]\nwebhook = {{ url = \"{}/t{i}\", timeout = \"5s\" }}\n",
+            rx.url
+        );
+    }
+    let mut e = Engine::start(&cfg);
+    for i in 0..n {
+        expect_code(
+            &e.cli(&[
+                "import-image",
+                &format!("s{i}"),
+                &format!("--from={}/a/s{i}", reg.host),
+                "--confirm",
+            ]),
+            0,
+        );
+    }
+    rx.wait_requests(2).await;
+    e.restart_after_crash();
+    rx.set_delay(Duration::ZERO);
+    let reqs = wait_for("every trigger delivered", || async {
+        let r = rx.requests();
+        let mut paths: Vec<String> = r.iter().map(|x| x.path.clone()).collect();
+        paths.sort();
+        paths.dedup();
+        (paths.len() == n).then_some(r)
+    })
+    .await;
+    // duplicates (at least once) carry the same key as their original
+    for i in 0..n {
+        let keys: Vec<_> = reqs
+            .iter()
+            .filter(|r| r.path == format!("/t{i}"))
+            .map(|r| r.header("idempotency-key"))
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] == w[1]), "t{i}: {keys:?}");
+    }
+}
