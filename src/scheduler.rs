@@ -9,6 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ use crate::config::Schedule;
 use crate::core::view;
 use crate::core::{Engine, SpecChange};
 use crate::model::{Cause, Digest, ImageStream, StreamName, StreamTagRef, TagSpec};
+
+/// Checks completed since start, for benchmarks and `/metrics`.
+pub static CHECKS: AtomicU64 = AtomicU64::new(0);
 
 /// Read side of the scheduler's state, for `describe` and the API.
 #[derive(Clone, Default)]
@@ -149,6 +153,8 @@ pub struct Scheduler {
     queue: DueQueue,
     /// Checks in flight at once, over all registries (each registry has its own budget too).
     max_inflight: usize,
+    /// Spread first checks over the period (false: all due at start, for benchmarks).
+    spread_start: bool,
 }
 
 struct CheckDone {
@@ -176,16 +182,32 @@ impl Scheduler {
                 entries: HashMap::new(),
                 queue: DueQueue::default(),
                 max_inflight: 256,
+                spread_start: true,
             },
             handle,
         )
     }
 
+    /// Makes every tag due at start instead of spreading them (benchmarks only).
+    pub fn without_start_spread(mut self) -> Scheduler {
+        self.spread_start = false;
+        self
+    }
+
     pub async fn run(mut self, cancel: CancellationToken) {
-        match self.engine.store.list(None).await {
-            Ok(streams) => {
-                for s in &streams {
-                    self.load_stream(s, true);
+        // One stream at a time: a large store never sits in memory whole.
+        match self.engine.store.keys().await {
+            Ok(keys) => {
+                for k in keys {
+                    match self.engine.store.get(&k).await {
+                        Ok(Some((s, _))) => {
+                            self.load_stream(&s, true);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(stream = %k, error = %e, "scheduler cannot read stream")
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -297,7 +319,9 @@ impl Scheduler {
                 continue;
             }
             let period = schedule.period(Utc::now());
-            let delay = if at_start {
+            let delay = if at_start && !self.spread_start {
+                Duration::ZERO
+            } else if at_start {
                 // Spread first checks over the period; cron schedules keep their own times.
                 match &schedule {
                     Schedule::Interval(_) => period.mul_f64(jitter_fraction(&key)),
@@ -343,6 +367,7 @@ impl Scheduler {
     }
 
     fn finish(&mut self, done: CheckDone) {
+        CHECKS.fetch_add(1, Ordering::Relaxed);
         let Some(e) = self.entries.get_mut(&done.key) else {
             return;
         };

@@ -122,6 +122,11 @@ impl Store {
         blocking!(self, s => s.list(ns.as_deref()))
     }
 
+    /// Every stream key, to walk all streams without holding them all in memory.
+    pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        blocking!(self, s => s.keys())
+    }
+
     pub async fn commit(&self, commit: Commit) -> Result<i64, StoreError> {
         blocking!(self, s => s.commit(&commit))
     }

@@ -118,6 +118,17 @@ impl SqliteStore {
         Ok(out)
     }
 
+    pub fn keys(&self) -> Result<Vec<String>, StoreError> {
+        let c = self.conn();
+        let mut stmt = c
+            .prepare_cached("SELECT key FROM streams ORDER BY key")
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(db_err)?;
+        rows.map(|r| r.map_err(db_err)).collect()
+    }
+
     pub fn commit(&self, commit: &Commit) -> Result<i64, StoreError> {
         let mut c = self.conn();
         let tx = c.transaction().map_err(db_err)?;
