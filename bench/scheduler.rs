@@ -7,7 +7,7 @@
 //! - peak RSS with 4,000 and 100,000 scheduled tags and CPU use while they are idle.
 
 #[path = "../tests/it/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::sync::Arc;
