@@ -87,3 +87,72 @@ fn the_repository_example_starts_as_it_is() {
     let text = include_str!("../../triggers.toml");
     load(text).unwrap();
 }
+
+/// The keys serde accepts in a section, read from its "unknown field" error.
+fn keys_of(doc: &str) -> Vec<String> {
+    let e = load(doc).unwrap_err().to_string();
+    assert!(e.contains("unknown field"), "{doc}: {e}");
+    let after = e.split("expected").nth(1).unwrap_or("");
+    after
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn reference_documents_every_key() {
+    let reference = include_str!("../../docs/config.md");
+    let sections: &[(&str, &str)] = &[
+        ("server", "[server]\nzz_unknown = 1\n"),
+        ("store", "[store]\nzz_unknown = 1\n"),
+        ("nats", "[nats]\nzz_unknown = 1\n"),
+        ("schedule", "[schedule]\nzz_unknown = 1\n"),
+        ("hooks", "[hooks]\nzz_unknown = 1\n"),
+        ("delivery", "[delivery]\nzz_unknown = 1\n"),
+        ("api.token", "[[api.token]]\nzz_unknown = 1\n"),
+        ("registry", "[[registry]]\nzz_unknown = 1\n"),
+        ("stream", "[[stream]]\nzz_unknown = 1\n"),
+        (
+            "stream.tags",
+            "[[stream]]\nname = \"a\"\ntags = [{ zz_unknown = 1 }]\n",
+        ),
+        (
+            "stream.tags.from",
+            "[[stream]]\nname = \"a\"\ntags = [{ name = \"a\", from = { zz_unknown = 1 } }]\n",
+        ),
+        ("trigger", "[[trigger]]\nzz_unknown = 1\n"),
+        (
+            "trigger.webhook",
+            "[[trigger]]\nname = \"a\"\nwebhook = { zz_unknown = 1 }\n",
+        ),
+        (
+            "trigger.github",
+            "[[trigger]]\nname = \"a\"\ngithub = { zz_unknown = 1 }\n",
+        ),
+        (
+            "trigger.gitlab",
+            "[[trigger]]\nname = \"a\"\ngitlab = { zz_unknown = 1 }\n",
+        ),
+        (
+            "trigger.jenkins",
+            "[[trigger]]\nname = \"a\"\njenkins = { zz_unknown = 1 }\n",
+        ),
+    ];
+    let mut missing = Vec::new();
+    for (section, doc) in sections {
+        let keys = keys_of(doc);
+        assert!(!keys.is_empty(), "no keys read for {section}");
+        for k in keys {
+            let name = format!("`{section}.{k}`");
+            if !reference.contains(&name) {
+                missing.push(name);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/config.md does not document {missing:?}"
+    );
+}
