@@ -93,7 +93,7 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
                 ),
                 None => (
                     serde_json::to_string(e).map_err(|x| SinkError::Build(x.to_string()))?,
-                    "application/cloudevents+json",
+                    "application/json",
                 ),
             };
             let mut req = http.post(url.clone()).header(header::CONTENT_TYPE, ctype);

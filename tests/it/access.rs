@@ -1,0 +1,316 @@
+//! Who may do what: registry credentials (htpasswd basic auth on a real registry, a bearer
+//! token service like Docker Hub's), API tokens with scopes, and what `/metrics` shows.
+
+use std::sync::{Arc, Mutex};
+
+use crate::support::*;
+
+/// bcrypt of "s3cret" (cost 5), for the registry's htpasswd.
+const HTPASSWD: &str = "ci:$2b$05$abcdefghijklmnopqrstuuLK7U1u6pVRmL7L1BBM2aS35PSZnDXlK";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_registry_needs_configured_credentials() {
+    let reg = Registry::start_with(RegistryOptions {
+        htpasswd: Some(HTPASSWD.into()),
+        ..Default::default()
+    });
+    let d = Pusher::with_basic(&reg.host, "ci", "s3cret")
+        .image("priv/app", "latest", "1")
+        .await;
+    let anon = Engine::start("");
+    let o = anon.cli(&[
+        "import-image",
+        "app",
+        &format!("--from={}/priv/app", reg.host),
+        "--confirm",
+    ]);
+    expect_code(&o, 1);
+    assert_eq!(
+        anon.istag("app").unwrap()["conditions"][0]["reason"],
+        "Unauthorized"
+    );
+    let e = Engine::start_env(
+        &format!(
+            "[[registry]]\nhost = \"{}\"\nusername = \"ci\"\npassword_env = \"T_REG_PW\"\n",
+            reg.host
+        ),
+        &[("T_REG_PW", "s3cret")],
+    );
+    expect_code(
+        &e.cli(&[
+            "import-image",
+            "app",
+            &format!("--from={}/priv/app", reg.host),
+            "--confirm",
+        ]),
+        0,
+    );
+    assert_eq!(e.istag("app").unwrap()["digest"], d.as_str());
+    let o = e.cli(&["describe", "is/app"]);
+    assert!(!stdout(&o).contains("s3cret") && !e.log.text().contains("s3cret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_flow_caches_tokens_per_scope() {
+    use axum::http::{HeaderMap, StatusCode};
+    let token_calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let calls = token_calls.clone();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let dg = digest.clone();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = l.local_addr().unwrap().to_string();
+    let realm = format!("http://{host}/token");
+    let app = axum::Router::new()
+        .route(
+            "/token",
+            axum::routing::get(move |q: axum::extract::RawQuery| {
+                let calls = calls.clone();
+                async move {
+                    calls.lock().unwrap().push(q.0.unwrap_or_default());
+                    axum::Json(serde_json::json!({"token": "tok-123", "expires_in": 300}))
+                }
+            }),
+        )
+        .fallback(move |h: HeaderMap| {
+            let (dg, realm) = (dg.clone(), realm.clone());
+            async move {
+                let mut out = HeaderMap::new();
+                if h.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer tok-123") {
+                    out.insert("www-authenticate", format!("Bearer realm=\"{realm}\",service=\"stub\",scope=\"repository:lib/app:pull\"").parse().unwrap());
+                    return (StatusCode::UNAUTHORIZED, out);
+                }
+                out.insert("docker-content-digest", dg.parse().unwrap());
+                out.insert("content-type", "application/vnd.docker.distribution.manifest.v2+json".parse().unwrap());
+                (StatusCode::OK, out)
+            }
+        });
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let e = Engine::start("");
+    expect_code(
+        &e.cli(&[
+            "import-image",
+            "app",
+            &format!("--from={host}/lib/app"),
+            "--confirm",
+        ]),
+        0,
+    );
+    expect_code(&e.cli(&["import-image", "app"]), 0);
+    assert_eq!(e.istag("app").unwrap()["digest"], digest.as_str());
+    let calls = token_calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "the token is cached: {calls:?}");
+    assert!(
+        calls[0].contains("scope=repository%3Alib%2Fapp%3Apull")
+            && calls[0].contains("service=stub"),
+        "{calls:?}"
+    );
+}
+
+async fn api(
+    e: &Engine,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> u16 {
+    istream::registry::install_crypto();
+    let c = reqwest::Client::new();
+    let mut r = c.request(method.parse().unwrap(), format!("{}{path}", e.url));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_tokens_and_scopes() {
+    let reg = Registry::start();
+    Pusher::new(&reg.host).image("a/app", "latest", "1").await;
+    let hash = sha256(b"reader-token");
+    let e = Engine::start_env(
+        &format!(
+            "[[api.token]]\nname = \"team-a\"\ntoken_env = \"T_TEAM_A\"\nscopes = [\"team-a:tag\", \"team-a:import\", \"team-a:read\"]\n\n[[api.token]]\nname = \"reader\"\nsha256 = \"{}\"\nscopes = [\"*:read\"]\n",
+            hash.trim_start_matches("sha256:")
+        ),
+        &[("T_TEAM_A", "team-a-token")],
+    );
+    let import =
+        serde_json::json!({"name": "app", "from": format!("{}/a/app", reg.host), "confirm": true});
+    assert_eq!(
+        api(
+            &e,
+            "POST",
+            "/api/v1/namespaces/team-a/import",
+            None,
+            Some(import.clone())
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        api(
+            &e,
+            "POST",
+            "/api/v1/namespaces/team-a/import",
+            Some("wrong"),
+            Some(import.clone())
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        api(
+            &e,
+            "POST",
+            "/api/v1/namespaces/team-a/import",
+            Some("reader-token"),
+            Some(import.clone())
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        api(
+            &e,
+            "POST",
+            "/api/v1/namespaces/team-b/import",
+            Some("team-a-token"),
+            Some(import.clone())
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        api(
+            &e,
+            "POST",
+            "/api/v1/namespaces/team-a/import",
+            Some("team-a-token"),
+            Some(import)
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        api(
+            &e,
+            "GET",
+            "/api/v1/namespaces/team-a/imagestreams/app",
+            Some("reader-token"),
+            None
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        api(
+            &e,
+            "GET",
+            "/api/v1/namespaces/team-a/imagestreams/app",
+            None,
+            None
+        )
+        .await,
+        401
+    );
+    let tag = serde_json::json!({"source": "team-a/app:latest", "dests": ["team-b/app:latest"]});
+    assert_eq!(
+        api(
+            &e,
+            "POST",
+            "/api/v1/namespaces/team-a/tag",
+            Some("team-a-token"),
+            Some(tag)
+        )
+        .await,
+        403,
+        "no tag right in team-b"
+    );
+    assert_eq!(
+        api(
+            &e,
+            "DELETE",
+            "/api/v1/namespaces/team-a/imagestreamtags/app:latest",
+            Some("reader-token"),
+            None
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        api(
+            &e,
+            "POST",
+            "/api/v1/triggers/x/retry",
+            Some("reader-token"),
+            None
+        )
+        .await,
+        403
+    );
+    // the CLI sends --token / ISTREAM_TOKEN
+    let o = std::process::Command::new(bin())
+        .args(["get", "istag", "app:latest", "-n", "team-a", "-o", "json"])
+        .env("ISTREAM_SERVER", &e.url)
+        .env("ISTREAM_TOKEN", "reader-token")
+        .output()
+        .unwrap();
+    expect_code(&o, 0);
+    let o = std::process::Command::new(bin())
+        .args(["get", "istag", "app:latest", "-n", "team-a"])
+        .env("ISTREAM_SERVER", &e.url)
+        .output()
+        .unwrap();
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("token"), "{}", stderr(&o));
+    // health and metrics need no token
+    assert_eq!(api(&e, "GET", "/healthz", None, None).await, 200);
+    assert_eq!(api(&e, "GET", "/readyz", None, None).await, 200);
+    assert!(!e.log.text().contains("team-a-token") && !e.log.text().contains("reader-token"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_changes() {
+    let reg = Registry::start();
+    Pusher::new(&reg.host).image("a/app", "latest", "1").await;
+    let e = Engine::start("");
+    expect_code(
+        &e.cli(&[
+            "import-image",
+            "app",
+            &format!("--from={}/a/app", reg.host),
+            "--confirm",
+        ]),
+        0,
+    );
+    let r = e.get("/metrics").await;
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("openmetrics")
+    );
+    let text = r.text().await.unwrap();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        assert!(line.starts_with("istream_"), "{line}");
+    }
+    assert!(
+        text.contains("istream_tag_changes_total{cause=\"import\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("istream_registry_checks_total{"), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"));
+    let spec = e
+        .get("/api/v1/openapi.json")
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(spec["openapi"], "3.0.3");
+}
