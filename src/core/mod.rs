@@ -808,14 +808,15 @@ impl Engine {
     }
 
     /// A push announced by a registry: every tag tracking `registry/repo:tag` is re-checked
-    /// (the notification is a hint) and moved with cause `push`. Returns the tags updated.
+    /// (the notification is a hint) and moved with cause `push`. Returns the tags checked with
+    /// the digest the registry answered.
     pub async fn pushed(
         &self,
         registry: &str,
         repository: &str,
         tag: &str,
         create_in: Option<StreamTagRef>,
-    ) -> Result<Vec<StreamTagRef>, CoreError> {
+    ) -> Result<Vec<(StreamTagRef, Option<Digest>)>, CoreError> {
         let mut targets: Vec<(StreamTagRef, TagSpec)> = Vec::new();
         for s in self.store.list(None).await? {
             for (name, t) in &s.tags {
@@ -860,9 +861,10 @@ impl Engine {
         let mut done = Vec::new();
         for (t, spec) in targets {
             let result = self.resolve(&spec, None).await;
+            let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             self.record_import(&t, &spec, result, Cause::Push, false)
                 .await?;
-            done.push(t);
+            done.push((t, seen));
         }
         Ok(done)
     }

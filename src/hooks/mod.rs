@@ -136,21 +136,40 @@ async fn recheck(s: &AppState, p: &Push) {
     } else {
         None
     };
-    match s
-        .engine
-        .pushed(&p.registry, &p.repository, &p.tag, create_in)
-        .await
-    {
-        Ok(tags) if tags.is_empty() => {
-            tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, "push for an untracked repository ignored");
-        }
-        Ok(tags) => {
-            for t in tags {
-                tracing::info!(tag = %t, registry = %p.registry, repository = %p.repository, "re-checked after push");
+    // A registry may notify before it links the tag to the new manifest (distribution does:
+    // the event leaves inside the manifest PUT). When the notification names a digest and the
+    // registry still answers another one, look again shortly — but record only what the
+    // registry says.
+    let mut delay = std::time::Duration::from_millis(25);
+    for attempt in 0..8 {
+        match s
+            .engine
+            .pushed(&p.registry, &p.repository, &p.tag, create_in.clone())
+            .await
+        {
+            Ok(tags) if tags.is_empty() => {
+                tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, "push for an untracked repository ignored");
+                return;
             }
-        }
-        Err(e) => {
-            tracing::warn!(registry = %p.registry, repository = %p.repository, tag = %p.tag, error = %e, "push re-check failed")
+            Ok(tags) => {
+                let stale = p.digest.as_ref().is_some_and(|want| {
+                    tags.iter()
+                        .any(|(_, seen)| seen.as_ref().is_none_or(|d| d.as_str() != want))
+                });
+                if stale && attempt < 7 {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    continue;
+                }
+                for (t, seen) in tags {
+                    tracing::info!(tag = %t, digest = seen.as_ref().map(|d| d.as_str()).unwrap_or(""), registry = %p.registry, repository = %p.repository, "re-checked after push");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(registry = %p.registry, repository = %p.repository, tag = %p.tag, error = %e, "push re-check failed");
+                return;
+            }
         }
     }
 }

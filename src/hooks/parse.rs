@@ -11,6 +11,8 @@ pub struct Push {
     pub registry: String,
     pub repository: String,
     pub tag: String,
+    /// The digest the notification names, when it names one (a hint, never recorded as is).
+    pub digest: Option<String>,
 }
 
 pub fn parse(source: &str, body: &[u8]) -> Result<Vec<Push>, String> {
@@ -27,10 +29,13 @@ pub fn parse(source: &str, body: &[u8]) -> Result<Vec<Push>, String> {
         .map(|p| {
             let r = ImageRef::parse(&format!("{}/{}:{}", p.registry, p.repository, p.tag))
                 .map_err(|e| e.to_string())?;
+            // A malformed digest hint is dropped, not fatal: the re-check decides anyway.
+            let digest = p.digest.filter(|d| crate::model::Digest::parse(d).is_ok());
             Ok(Push {
                 registry: r.registry,
                 repository: r.repository,
                 tag: r.tag.unwrap_or(p.tag),
+                digest,
             })
         })
         .collect()
@@ -68,6 +73,7 @@ struct DistTarget {
     repository: Option<String>,
     url: Option<String>,
     tag: Option<String>,
+    digest: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +109,7 @@ fn distribution(body: &[u8]) -> Result<Vec<Push>, String> {
             registry: host,
             repository: repo,
             tag,
+            digest: t.digest,
         });
     }
     Ok(out)
@@ -110,6 +117,7 @@ fn distribution(body: &[u8]) -> Result<Vec<Push>, String> {
 
 #[derive(Deserialize)]
 struct HarborResource {
+    digest: Option<String>,
     tag: Option<String>,
     resource_url: Option<String>,
 }
@@ -172,6 +180,7 @@ fn harbor(body: &[u8]) -> Result<Vec<Push>, String> {
                 registry: host.to_string(),
                 repository: repo,
                 tag,
+                digest: r.digest,
             });
         }
     }
@@ -200,6 +209,7 @@ fn dockerhub(body: &[u8]) -> Result<Vec<Push>, String> {
         registry: "docker.io".into(),
         repository: p.repository.repo_name,
         tag: p.push_data.tag,
+        digest: None,
     }])
 }
 
@@ -222,6 +232,7 @@ fn quay(body: &[u8]) -> Result<Vec<Push>, String> {
             registry: host.to_string(),
             repository: repo.to_string(),
             tag,
+            digest: None,
         })
         .collect())
 }
@@ -243,7 +254,11 @@ mod tests {
             vec![Push {
                 registry: "127.0.0.1:5002".into(),
                 repository: "notif/r0000".into(),
-                tag: "latest".into()
+                tag: "latest".into(),
+                digest: Some(
+                    "sha256:d2278186ef96ef0df6b5987f1ebc61e7b7d54574659cbc0f70d6300f3a6e186d"
+                        .into()
+                ),
             }]
         );
     }
@@ -256,7 +271,8 @@ mod tests {
             vec![Push {
                 registry: "harbor.example.com".into(),
                 repository: "library/app".into(),
-                tag: "v1".into()
+                tag: "v1".into(),
+                digest: None, // "sha256:x" is no digest: the hint is dropped
             }]
         );
         let ce = br#"{"specversion":"1.0","id":"1","source":"/projects/1/webhook/policies/1","type":"harbor.artifact.pushed","datacontenttype":"application/json","data":{"resources":[{"digest":"sha256:x","tag":"v2","resource_url":"harbor.example.com:8443/library/app:v2"}],"repository":{"name":"app","namespace":"library","repo_full_name":"library/app","repo_type":"private"}}}"#;
@@ -288,7 +304,8 @@ mod tests {
             Push {
                 registry: "quay.io".into(),
                 repository: "mynamespace/repository".into(),
-                tag: "1.0".into()
+                tag: "1.0".into(),
+                digest: None,
             }
         );
     }

@@ -210,7 +210,7 @@ fn nats_older_than_2_10_is_refused_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_changes_on_the_embedded_default() {
     let reg = Registry::start();
-    let d1 = Pusher::new(&reg.host).image("a/w", "latest", "1").await;
+    let push = Pusher::new(&reg.host);
     let e = Engine::start("");
     let mut child = Command::new(bin())
         .args(["watch", "w", "-o", "json"])
@@ -226,19 +226,28 @@ async fn watch_prints_changes_on_the_embedded_default() {
             let _ = tx.send(line);
         }
     });
-    // the stream need not exist yet; retry the change until the watcher has connected
-    let line = wait_for("a watch line", || async {
-        let _ = e.cli(&[
-            "import-image",
-            "w",
-            &format!("--from={}/a/w", reg.host),
-            "--confirm",
-        ]);
-        rx.recv_timeout(Duration::from_millis(300)).ok()
+    // the stream need not exist yet; make a new change until the watcher has connected
+    let pushed = std::sync::Mutex::new(Vec::new());
+    let line = wait_for("a watch line", || {
+        let (push, e, rx, host, pushed) = (&push, &e, &rx, reg.host.clone(), &pushed);
+        async move {
+            let seed = pushed.lock().unwrap().len().to_string();
+            let d = push.image("a/w", "latest", &seed).await;
+            pushed.lock().unwrap().push(d);
+            let _ = e.cli(&[
+                "import-image",
+                "w",
+                &format!("--from={host}/a/w"),
+                "--confirm",
+            ]);
+            rx.recv_timeout(Duration::from_millis(300)).ok()
+        }
     })
     .await;
     let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(ev["data"]["digest"], d1.as_str());
+    assert_eq!(ev["type"], "io.istream.tag.changed");
+    let digest = ev["data"]["digest"].as_str().unwrap().to_string();
+    assert!(pushed.lock().unwrap().contains(&digest), "{line}");
     let _ = child.kill();
     let _ = child.wait();
 }

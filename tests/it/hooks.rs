@@ -40,6 +40,8 @@ async fn a_push_moves_the_tag_and_fires_the_trigger() {
     );
 
     let d2 = push.image("team/app", "latest", "2").await;
+    // Regression: distribution notifies before it links the tag, so the first HEAD may still
+    // see the old image; the engine must look again instead of dropping the push.
     let t = wait_for("the push to move the tag", || async {
         e.istag("app").filter(|t| t["digest"] == d2.as_str())
     })
