@@ -79,6 +79,13 @@ pub enum Command {
         /// NAME, or `retry NAME`
         args: Vec<String>,
     },
+    /// Print a shell completion script: `source <(istream completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `istream man | man -l -`.
+    Man,
 }
 
 #[derive(Args, Debug)]
@@ -87,7 +94,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ISTREAM_CONFIG", default_value = "triggers.toml")]
     pub config: PathBuf,
     /// Log format.
-    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    #[arg(long, env = "ISTREAM_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
 }
 
@@ -229,6 +236,17 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 out.as_deref(),
             )
             .await
+        }
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "istream", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .map_err(|e| CliError::Failed(format!("cannot write the man page: {e}")))
         }
         Command::Triggers { args } => {
             output::triggers(

@@ -7,6 +7,7 @@ mod access;
 mod bad_input;
 mod events;
 mod hooks;
+mod ops;
 mod scheduler;
 mod triggers;
 mod walkthrough;

@@ -458,13 +458,11 @@ impl Engine {
         let log = Log::default();
         log.follow(child.stderr.take().unwrap());
         let line = log.wait_line("istream listening on http://", &mut child);
-        let addr = line
-            .split("listening on http://")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap();
+        let rest = line.split("listening on http://").nth(1).unwrap();
+        let addr: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
         self.url = format!("http://{addr}");
         self.child = Some(child);
         self.log = log;
