@@ -65,7 +65,7 @@ impl NatsBus {
             .await
             .map_err(|e| setup(e.to_string()))?;
         // Wait briefly for the first connection, to check the version when we can.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while client.connection_state() != async_nats::connection::State::Connected
             && tokio::time::Instant::now() < deadline
         {

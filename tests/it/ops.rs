@@ -174,3 +174,47 @@ fn bad_config_names_file_line_and_key() {
         stderr(&o)
     );
 }
+
+#[test]
+fn deploy_configs_start_the_engine() {
+    let k8s = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/istream.yaml"
+    ))
+    .unwrap();
+    let embedded: String = k8s
+        .split("triggers.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| l.starts_with("    "))
+        .map(|l| format!("{}\n", &l[4..]))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let k8s_cfg = dir.path().join("k8s.toml");
+    std::fs::write(&k8s_cfg, embedded).unwrap();
+    let compose_cfg =
+        std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/istream.toml"));
+    for cfg in [compose_cfg, k8s_cfg] {
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("ISTREAM_API_TOKEN", "t1")
+            .env("ISTREAM_HOOK_TOKEN", "t2")
+            // loopback only, and no name lookups: the files name compose/k8s hosts
+            .env("ISTREAM_SERVER__LISTEN", "127.0.0.1:0")
+            .env(
+                "ISTREAM_STORE__PATH",
+                dir.path().join("db").display().to_string(),
+            )
+            .env("ISTREAM_NATS__URL", "nats://127.0.0.1:1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Log::default();
+        log.follow(child.stderr.take().unwrap());
+        log.wait_line("istream listening on", &mut child);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -40,7 +40,7 @@ where
 pub struct Log(Arc<Mutex<Vec<String>>>);
 
 impl Log {
-    fn follow(&self, stream: impl std::io::Read + Send + 'static) {
+    pub fn follow(&self, stream: impl std::io::Read + Send + 'static) {
         let lines = self.0.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
