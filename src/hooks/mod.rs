@@ -140,8 +140,8 @@ async fn recheck(s: &AppState, p: &Push) {
     // the event leaves inside the manifest PUT). When the notification names a digest and the
     // registry still answers another one, look again shortly — but record only what the
     // registry says.
-    let mut delay = std::time::Duration::from_millis(25);
-    for attempt in 0..8 {
+    let mut delay = std::time::Duration::from_millis(2);
+    for attempt in 0..10 {
         match s
             .engine
             .pushed(&p.registry, &p.repository, &p.tag, create_in.clone())
@@ -156,7 +156,7 @@ async fn recheck(s: &AppState, p: &Push) {
                     tags.iter()
                         .any(|(_, seen)| seen.as_ref().is_none_or(|d| d.as_str() != want))
                 });
-                if stale && attempt < 7 {
+                if stale && attempt < 9 {
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                     continue;

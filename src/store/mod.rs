@@ -38,6 +38,8 @@ pub struct Commit {
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryState {
     Pending,
+    /// Claimed by the deliverer, attempt running.
+    Inflight,
     Delivered,
     Dead,
     Superseded,
@@ -47,6 +49,7 @@ impl DeliveryState {
     pub fn as_str(self) -> &'static str {
         match self {
             DeliveryState::Pending => "pending",
+            DeliveryState::Inflight => "inflight",
             DeliveryState::Delivered => "delivered",
             DeliveryState::Dead => "dead",
             DeliveryState::Superseded => "superseded",
@@ -55,6 +58,7 @@ impl DeliveryState {
     pub fn parse(s: &str) -> Option<DeliveryState> {
         Some(match s {
             "pending" => DeliveryState::Pending,
+            "inflight" => DeliveryState::Inflight,
             "delivered" => DeliveryState::Delivered,
             "dead" => DeliveryState::Dead,
             "superseded" => DeliveryState::Superseded,
@@ -77,6 +81,38 @@ pub struct Delivery {
     pub next_at: i64,
     pub created: i64,
     pub last_error: Option<String>,
+}
+
+/// A tag's current image offered to a trigger (see `fire_due`).
+#[derive(Debug, Clone)]
+pub struct FireRequest {
+    pub trigger: String,
+    /// `ns/stream:tag`
+    pub tag: String,
+    /// The `tag.changed` event of the tag's current image.
+    pub event: Event,
+    pub skip_initial: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FireOutcome {
+    /// Already fired for this image.
+    Unchanged,
+    /// First image under `skip_initial`: recorded, nothing sent.
+    Recorded,
+    /// A delivery was queued (older pending ones superseded).
+    Fired,
+}
+
+/// The result of one delivery attempt, to record.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub id: i64,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    /// Unix ms of the next attempt, for a retry.
+    pub next_at: i64,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -148,41 +184,33 @@ impl Store {
         blocking!(self, s => s.last_fired(&t, &g))
     }
 
-    pub async fn fire(
+    pub async fn fire_due(
         &self,
-        trigger: &str,
-        tag: &str,
-        digest: &str,
-        delivery: Option<Event>,
+        reqs: Vec<FireRequest>,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
-        let (t, g, d) = (trigger.to_string(), tag.to_string(), digest.to_string());
-        blocking!(self, s => s.fire(&t, &g, &d, delivery.as_ref(), now_ms))
+    ) -> Result<Vec<FireOutcome>, StoreError> {
+        blocking!(self, s => s.fire_due(&reqs, now_ms))
     }
 
-    pub async fn due_deliveries(
+    pub async fn complete_and_claim(
         &self,
+        done: Vec<Completion>,
         now_ms: i64,
         limit: usize,
-        exclude: Vec<i64>,
     ) -> Result<Vec<Delivery>, StoreError> {
-        blocking!(self, s => s.due_deliveries(now_ms, limit, &exclude))
+        blocking!(self, s => s.complete_and_claim(&done, now_ms, limit))
+    }
+
+    pub async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        blocking!(self, s => s.claim_due(now_ms, limit))
     }
 
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
         blocking!(self, s => s.next_due())
     }
 
-    pub async fn update_delivery(
-        &self,
-        id: i64,
-        state: DeliveryState,
-        attempts: u32,
-        next_at: i64,
-        error: Option<String>,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        blocking!(self, s => s.update_delivery(id, state, attempts, next_at, error.as_deref(), now_ms))
+    pub async fn update_delivery(&self, done: Completion, now_ms: i64) -> Result<(), StoreError> {
+        blocking!(self, s => s.update_delivery(&done, now_ms))
     }
 
     pub async fn deliveries(

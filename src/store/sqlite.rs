@@ -7,7 +7,10 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Commit, Delivery, DeliveryState, StoreError, TriggerSummary};
+use super::{
+    Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError,
+    TriggerSummary,
+};
 use crate::model::{Event, ImageStream};
 
 pub struct SqliteStore {
@@ -49,6 +52,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_at);
 CREATE INDEX IF NOT EXISTS deliveries_trigger ON deliveries(trigger, state);
+CREATE INDEX IF NOT EXISTS deliveries_tag ON deliveries(trigger, tag, state);
 ";
 
 fn db_err(e: rusqlite::Error) -> StoreError {
@@ -80,6 +84,12 @@ impl SqliteStore {
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        // Attempts cut short by a crash are attempted again (at least once).
+        conn.execute(
+            "UPDATE deliveries SET state = 'pending' WHERE state = 'inflight'",
+            [],
+        )
+        .map_err(db_err)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -225,70 +235,104 @@ impl SqliteStore {
             .map_err(db_err)
     }
 
-    /// Records that `trigger` fired for `digest` of `tag`; supersedes that tag's pending
-    /// deliveries of this trigger and queues `delivery` (None: only recorded, `skip_initial`).
-    pub fn fire(
+    /// Applies the firing rule to each request atomically: compares the tag's image with the
+    /// last one the trigger fired for, records the new one, supersedes pending deliveries of
+    /// older images and queues a delivery (none for a first image under `skip_initial`).
+    pub fn fire_due(
         &self,
-        trigger: &str,
-        tag: &str,
-        digest: &str,
-        delivery: Option<&Event>,
+        reqs: &[FireRequest],
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<FireOutcome>, StoreError> {
         let mut c = self.conn();
         let tx = c.transaction().map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO trigger_state(trigger, tag, digest, fired_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(trigger, tag) DO UPDATE SET digest = ?3, fired_at = ?4",
-            params![trigger, tag, digest, chrono::Utc::now().to_rfc3339()],
-        )
-        .map_err(db_err)?;
-        if let Some(event) = delivery {
+        let mut out = Vec::with_capacity(reqs.len());
+        let fired_at = chrono::Utc::now().to_rfc3339();
+        for r in reqs {
+            let digest = r.event.data.digest.clone().unwrap_or_default();
+            let last: Option<String> = tx
+                .query_row(
+                    "SELECT digest FROM trigger_state WHERE trigger = ?1 AND tag = ?2",
+                    [&r.trigger, &r.tag],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            if last.as_deref() == Some(digest.as_str()) {
+                out.push(FireOutcome::Unchanged);
+                continue;
+            }
+            tx.execute(
+                "INSERT INTO trigger_state(trigger, tag, digest, fired_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(trigger, tag) DO UPDATE SET digest = ?3, fired_at = ?4",
+                params![r.trigger, r.tag, digest, fired_at],
+            )
+            .map_err(db_err)?;
+            if last.is_none() && r.skip_initial {
+                out.push(FireOutcome::Recorded);
+                continue;
+            }
             tx.execute(
                 "UPDATE deliveries SET state = 'superseded', updated = ?3,
                  last_error = 'superseded by ' || ?4
                  WHERE trigger = ?1 AND tag = ?2 AND state = 'pending'",
-                params![trigger, tag, now_ms, digest],
+                params![r.trigger, r.tag, now_ms, digest],
             )
             .map_err(db_err)?;
-            let json = serde_json::to_string(event).map_err(json_err)?;
+            let json = serde_json::to_string(&r.event).map_err(json_err)?;
             tx.execute(
                 "INSERT INTO deliveries(trigger, tag, digest, event, state, attempts, next_at, created, updated)
                  VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
-                params![trigger, tag, digest, json, now_ms],
+                params![r.trigger, r.tag, digest, json, now_ms],
             )
             .map_err(db_err)?;
+            out.push(FireOutcome::Fired);
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        Ok(out)
     }
 
-    pub fn due_deliveries(
+    /// Records finished attempts and claims up to `limit` due deliveries, in one transaction
+    /// (the deliverer's whole bookkeeping for one turn of its loop).
+    pub fn complete_and_claim(
         &self,
+        done: &[Completion],
         now_ms: i64,
         limit: usize,
-        exclude: &[i64],
     ) -> Result<Vec<Delivery>, StoreError> {
+        {
+            let mut c = self.conn();
+            let tx = c.transaction().map_err(db_err)?;
+            for d in done {
+                update_delivery_in(&tx, d, now_ms)?;
+            }
+            tx.commit().map_err(db_err)?;
+        }
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.claim_due(now_ms, limit)
+    }
+
+    /// Claims up to `limit` due deliveries (state `inflight`) and returns them, in one
+    /// statement: two claimers never get the same one. A crash leaves them `inflight`; `open`
+    /// puts them back to `pending`.
+    pub fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
         let c = self.conn();
         let mut stmt = c
             .prepare_cached(
-                "SELECT id, trigger, tag, digest, event, state, attempts, next_at, created, last_error
-                 FROM deliveries WHERE state = 'pending' AND next_at <= ?1 ORDER BY next_at, id LIMIT ?2",
+                "UPDATE deliveries SET state = 'inflight', updated = ?1
+                 WHERE id IN (SELECT id FROM deliveries WHERE state = 'pending' AND next_at <= ?1
+                              ORDER BY next_at, id LIMIT ?2)
+                 RETURNING id, trigger, tag, digest, event, state, attempts, next_at, created, last_error",
             )
             .map_err(db_err)?;
         let rows = stmt
-            .query_map(
-                params![now_ms, (limit + exclude.len()) as i64],
-                row_to_delivery,
-            )
+            .query_map(params![now_ms, limit as i64], row_to_delivery)
             .map_err(db_err)?;
         let mut out = Vec::new();
         for r in rows {
-            let d = r.map_err(db_err)??;
-            if !exclude.contains(&d.id) {
-                out.push(d);
-            }
+            out.push(r.map_err(db_err)??);
         }
-        out.truncate(limit);
         Ok(out)
     }
 
@@ -303,24 +347,8 @@ impl SqliteStore {
             .map_err(db_err)
     }
 
-    pub fn update_delivery(
-        &self,
-        id: i64,
-        state: DeliveryState,
-        attempts: u32,
-        next_at: i64,
-        error: Option<&str>,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        // A superseded delivery stays superseded even if its last attempt was still running.
-        self.conn()
-            .execute(
-                "UPDATE deliveries SET state = CASE WHEN state = 'superseded' AND ?2 = 'pending' THEN state ELSE ?2 END,
-                 attempts = ?3, next_at = ?4, last_error = COALESCE(?5, last_error), updated = ?6 WHERE id = ?1",
-                params![id, state.as_str(), attempts, next_at, error, now_ms],
-            )
-            .map_err(db_err)?;
-        Ok(())
+    pub fn update_delivery(&self, d: &Completion, now_ms: i64) -> Result<(), StoreError> {
+        update_delivery_in(&self.conn(), d, now_ms)
     }
 
     pub fn deliveries(&self, trigger: &str, limit: usize) -> Result<Vec<Delivery>, StoreError> {
@@ -352,7 +380,7 @@ impl SqliteStore {
             .map_err(db_err)
         };
         let mut s = TriggerSummary {
-            pending: count("pending")?,
+            pending: count("pending")? + count("inflight")?,
             dead: count("dead")?,
             delivered: count("delivered")?,
             superseded: count("superseded")?,
@@ -404,4 +432,19 @@ fn row_to_delivery(r: &rusqlite::Row) -> rusqlite::Result<RowResult> {
             last_error: r.get(9).map_err(db_err)?,
         })
     })())
+}
+
+fn update_delivery_in(c: &Connection, d: &Completion, now_ms: i64) -> Result<(), StoreError> {
+    // A delivery that must be retried while a newer image of its tag was queued meanwhile is
+    // superseded instead: an old image never reaches CI after a newer one.
+    c.prepare_cached(
+        "UPDATE deliveries SET state = CASE
+            WHEN ?2 = 'pending' AND (state = 'superseded' OR EXISTS (SELECT 1 FROM deliveries d2
+                 WHERE d2.trigger = deliveries.trigger AND d2.tag = deliveries.tag AND d2.id > deliveries.id))
+            THEN 'superseded' ELSE ?2 END,
+         attempts = ?3, next_at = ?4, last_error = COALESCE(?5, last_error), updated = ?6 WHERE id = ?1",
+    )
+    .and_then(|mut st| st.execute(params![d.id, d.state.as_str(), d.attempts, d.next_at, d.error, now_ms]))
+    .map_err(db_err)?;
+    Ok(())
 }

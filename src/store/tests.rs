@@ -79,14 +79,34 @@ async fn behaviour(store: Store) {
     store.mark_published(vec![pending[0].0]).await.unwrap();
     assert_eq!(store.pending_events(10).await.unwrap().len(), 1);
     // trigger bookkeeping: supersede pending
-    store
-        .fire("t", "default/s:a", "d1", Some(event("a", "d1")), 0)
-        .await
-        .unwrap();
-    store
-        .fire("t", "default/s:a", "d2", Some(event("a", "d2")), 0)
-        .await
-        .unwrap();
+    let req = |d: &str, skip| FireRequest {
+        trigger: "t".into(),
+        tag: "default/s:a".into(),
+        event: event("a", d),
+        skip_initial: skip,
+    };
+    assert_eq!(
+        store.fire_due(vec![req("d1", false)], 0).await.unwrap(),
+        vec![FireOutcome::Fired]
+    );
+    assert_eq!(
+        store.fire_due(vec![req("d1", false)], 0).await.unwrap(),
+        vec![FireOutcome::Unchanged],
+        "never twice"
+    );
+    assert_eq!(
+        store.fire_due(vec![req("d2", false)], 0).await.unwrap(),
+        vec![FireOutcome::Fired]
+    );
+    let other = FireRequest {
+        trigger: "u".into(),
+        ..req("d2", true)
+    };
+    assert_eq!(
+        store.fire_due(vec![other], 0).await.unwrap(),
+        vec![FireOutcome::Recorded],
+        "skip_initial"
+    );
     assert_eq!(
         store
             .last_fired("t", "default/s:a")
@@ -95,15 +115,27 @@ async fn behaviour(store: Store) {
             .as_deref(),
         Some("d2")
     );
-    let due = store.due_deliveries(1, 10, vec![]).await.unwrap();
+    let due = store.claim_due(1, 10).await.unwrap();
+    assert!(
+        store.claim_due(1, 10).await.unwrap().is_empty(),
+        "claimed once"
+    );
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].digest, "d2");
     let sum = store.summary("t").await.unwrap();
-    assert_eq!((sum.pending, sum.superseded), (1, 1));
-    store
-        .update_delivery(due[0].id, DeliveryState::Dead, 3, 0, Some("404".into()), 1)
-        .await
-        .unwrap();
+    assert_eq!(
+        (sum.pending, sum.superseded),
+        (1, 1),
+        "in flight counts as pending"
+    );
+    let dead = Completion {
+        id: due[0].id,
+        state: DeliveryState::Dead,
+        attempts: 3,
+        next_at: 0,
+        error: Some("404".into()),
+    };
+    store.complete_and_claim(vec![dead], 1, 0).await.unwrap();
     assert_eq!(store.summary("t").await.unwrap().dead, 1);
     assert_eq!(store.retry_dead("t", 2).await.unwrap(), 1);
     assert_eq!(store.summary("t").await.unwrap().pending, 1);

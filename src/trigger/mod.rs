@@ -8,8 +8,8 @@
 pub mod sink;
 pub mod template;
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -21,15 +21,16 @@ use crate::config::{DeliveryConfig, TriggerConfig};
 use crate::core::{CoreError, Engine};
 use crate::model::event::TAG_CHANGED;
 use crate::model::{Event, EventData, ImageStream, StreamTagRef};
-use crate::store::{Delivery, DeliveryState, StoreError};
+use crate::store::{Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError};
 
 pub struct Triggers {
     engine: Arc<Engine>,
     configs: Vec<Arc<TriggerConfig>>,
+    /// `ns/stream:tag` -> the unpaused triggers watching it.
+    watchers: std::collections::HashMap<String, Vec<Arc<TriggerConfig>>>,
     delivery: DeliveryConfig,
     http: reqwest::Client,
     wake: Notify,
-    inflight: Mutex<HashSet<i64>>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -103,58 +104,100 @@ impl Triggers {
             .pool_max_idle_per_host(64)
             .build()
             .expect("HTTP client with static settings");
+        let configs: Vec<Arc<TriggerConfig>> = configs.iter().cloned().map(Arc::new).collect();
+        let mut watchers: std::collections::HashMap<String, Vec<Arc<TriggerConfig>>> =
+            Default::default();
+        for t in configs.iter().filter(|t| !t.paused) {
+            for o in &t.on {
+                watchers.entry(o.to_string()).or_default().push(t.clone());
+            }
+        }
         Arc::new(Triggers {
             engine,
-            configs: configs.iter().cloned().map(Arc::new).collect(),
+            configs,
+            watchers,
             delivery,
             http,
             wake: Notify::new(),
-            inflight: Mutex::new(HashSet::new()),
         })
     }
 
     /// Fires what is due for one tag (`ns/stream:tag`), for every trigger watching it.
-    pub async fn plan(&self, tag_key: &str) -> Result<(), StoreError> {
-        let Some((stream_key, tag)) = tag_key.rsplit_once(':') else {
-            return Ok(());
-        };
-        let watching: Vec<&Arc<TriggerConfig>> = self
-            .configs
-            .iter()
-            .filter(|t| !t.paused && t.on.iter().any(|o| o.to_string() == tag_key))
-            .collect();
-        if watching.is_empty() {
-            return Ok(());
+    pub async fn plan(&self, tag_key: &str) {
+        self.plan_many(&[tag_key.to_string()]).await
+    }
+
+    /// Plans several tags, reading each stream once however many of its tags are watched,
+    /// and applying the firing rule for all of them in one store transaction.
+    pub async fn plan_many(&self, tag_keys: &[String]) {
+        let mut by_stream: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for k in tag_keys {
+            if let Some((stream_key, tag)) = k.rsplit_once(':') {
+                by_stream.entry(stream_key).or_default().push(tag);
+            }
         }
-        let Some((stream, _)) = self.engine.store.get(stream_key).await? else {
-            return Ok(());
-        };
-        let Some(event) = current_event(&self.engine, &stream, tag) else {
-            return Ok(());
-        };
-        let digest = event.data.digest.clone().unwrap_or_default();
-        for t in watching {
-            let last = self.engine.store.last_fired(&t.name, tag_key).await?;
-            if last.as_deref() == Some(digest.as_str()) {
+        let mut reqs = Vec::new();
+        for (stream_key, tags) in by_stream {
+            let watched: Vec<(&str, &Vec<Arc<TriggerConfig>>)> = tags
+                .iter()
+                .filter_map(|t| {
+                    self.watchers
+                        .get(&format!("{stream_key}:{t}"))
+                        .map(|w| (*t, w))
+                })
+                .collect();
+            if watched.is_empty() {
                 continue;
             }
-            let delivery = if last.is_none() && t.skip_initial {
-                tracing::info!(trigger = %t.name, tag = tag_key, digest = %digest, "first image recorded without firing (skip_initial)");
-                None
-            } else {
-                tracing::info!(trigger = %t.name, tag = tag_key, digest = %digest, "trigger fired");
-                Some(event.clone())
+            let stream = match self.engine.store.get(stream_key).await {
+                Ok(Some((s, _))) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    // Level-triggered: the next change or restart plans it again.
+                    tracing::error!(stream = stream_key, error = %e, "cannot plan triggers");
+                    continue;
+                }
             };
-            let queued = delivery.is_some();
-            self.engine
-                .store
-                .fire(&t.name, tag_key, &digest, delivery, now_ms())
-                .await?;
-            if queued {
-                self.wake.notify_one();
+            for (tag, watching) in watched {
+                let Some(event) = current_event(&self.engine, &stream, tag) else {
+                    continue;
+                };
+                for t in watching {
+                    reqs.push(FireRequest {
+                        trigger: t.name.clone(),
+                        tag: format!("{stream_key}:{tag}"),
+                        event: event.clone(),
+                        skip_initial: t.skip_initial,
+                    });
+                }
             }
         }
-        Ok(())
+        for chunk in reqs.chunks(512) {
+            match self.engine.store.fire_due(chunk.to_vec(), now_ms()).await {
+                Ok(outcomes) => {
+                    let mut fired = false;
+                    for (r, o) in chunk.iter().zip(outcomes) {
+                        let digest = r.event.data.digest.as_deref().unwrap_or("");
+                        match o {
+                            FireOutcome::Fired => {
+                                fired = true;
+                                tracing::info!(trigger = %r.trigger, tag = %r.tag, digest, "trigger fired");
+                            }
+                            FireOutcome::Recorded => {
+                                tracing::info!(trigger = %r.trigger, tag = %r.tag, digest, "first image recorded without firing (skip_initial)");
+                            }
+                            FireOutcome::Unchanged => {}
+                        }
+                    }
+                    if fired {
+                        self.wake.notify_one();
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot plan triggers; the next change or restart plans them again")
+                }
+            }
+        }
     }
 
     /// Plans every watched tag (at start), then each tag as it changes.
@@ -170,11 +213,7 @@ impl Triggers {
             .collect();
         all.sort();
         all.dedup();
-        for k in &all {
-            if let Err(e) = self.plan(k).await {
-                tracing::error!(tag = %k, error = %e, "cannot plan triggers");
-            }
-        }
+        self.plan_many(&all).await;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -187,102 +226,93 @@ impl Triggers {
                     }
                     batch.sort();
                     batch.dedup();
-                    for k in batch {
-                        if let Err(e) = self.plan(&k).await {
-                            tracing::error!(tag = %k, error = %e, "cannot plan triggers; retrying at the next change or restart");
-                        }
-                    }
+                    self.plan_many(&batch).await;
                 }
             }
         }
     }
 
-    /// Sends due deliveries, at most `concurrency` at once, until cancelled.
+    /// Sends due deliveries, at most `concurrency` at once, until cancelled. Each turn of the
+    /// loop records every finished attempt and claims new ones in one store transaction.
     pub async fn run_deliverer(self: Arc<Self>, cancel: CancellationToken) {
-        let mut running: JoinSet<()> = JoinSet::new();
+        let mut running: JoinSet<Completion> = JoinSet::new();
+        let mut done: Vec<Completion> = Vec::new();
         loop {
             let room = self.delivery.concurrency.saturating_sub(running.len());
-            if room > 0 {
-                let exclude: Vec<i64> = self
-                    .inflight
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .copied()
-                    .collect();
-                match self
-                    .engine
-                    .store
-                    .due_deliveries(now_ms(), room, exclude)
-                    .await
-                {
-                    Ok(due) => {
-                        for d in due {
-                            self.inflight
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(d.id);
-                            let me = self.clone();
-                            running.spawn(async move {
-                                let id = d.id;
-                                me.attempt(d).await;
-                                me.inflight
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .remove(&id);
-                            });
-                        }
+            match self
+                .engine
+                .store
+                .complete_and_claim(std::mem::take(&mut done), now_ms(), room)
+                .await
+            {
+                Ok(due) => {
+                    for d in due {
+                        let me = self.clone();
+                        running.spawn(async move { me.attempt(d).await });
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot read due deliveries"),
+                }
+                // The attempts stay `inflight` and are sent again after a restart.
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record delivery results or claim deliveries")
                 }
             }
-            let wait = match self.engine.store.next_due().await {
-                Ok(Some(t)) => Duration::from_millis((t - now_ms()).clamp(0, 5_000) as u64),
-                _ => Duration::from_secs(5),
-            };
-            // Due deliveries still in flight would make the wait zero: let them finish first.
-            let wait = if running.is_empty() {
-                wait
+            // While attempts run, each completion wakes us; a retry falling due meanwhile waits
+            // at most a quarter second. Idle, sleep until the next retry is due.
+            let wait = if !running.is_empty() {
+                Duration::from_millis(250)
             } else {
-                wait.max(Duration::from_millis(50))
+                match self.engine.store.next_due().await {
+                    Ok(Some(t)) => Duration::from_millis((t - now_ms()).clamp(0, 5_000) as u64),
+                    _ => Duration::from_secs(5),
+                }
             };
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.wake.notified() => {}
-                Some(_) = running.join_next(), if !running.is_empty() => {}
+                Some(r) = running.join_next(), if !running.is_empty() => {
+                    done.extend(r.ok());
+                    while let Some(r) = running.try_join_next() {
+                        done.extend(r.ok());
+                    }
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        // Let attempts in flight finish briefly; what does not is retried after restart.
+        // Let attempts in flight finish briefly and record them; the rest is retried later.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while running.join_next().await.is_some() {}
+            while let Some(r) = running.join_next().await {
+                done.extend(r.ok());
+            }
         })
         .await;
+        if let Err(e) = self
+            .engine
+            .store
+            .complete_and_claim(done, now_ms(), 0)
+            .await
+        {
+            tracing::error!(error = %e, "cannot record delivery results at shutdown");
+        }
     }
 
-    async fn attempt(&self, d: Delivery) {
+    /// One attempt; returns what to record (the deliverer records results in batches).
+    async fn attempt(&self, d: Delivery) -> Completion {
         let Some(cfg) = self.configs.iter().find(|t| t.name == d.trigger).cloned() else {
             // The trigger was removed from the config: keep the delivery, visible as dead.
-            let _ = self
-                .engine
-                .store
-                .update_delivery(
-                    d.id,
-                    DeliveryState::Dead,
-                    d.attempts,
-                    d.next_at,
-                    Some("trigger no longer configured".into()),
-                    now_ms(),
-                )
-                .await;
-            return;
+            return Completion {
+                id: d.id,
+                state: DeliveryState::Dead,
+                attempts: d.attempts,
+                next_at: d.next_at,
+                error: Some("trigger no longer configured".into()),
+            };
         };
         let started = std::time::Instant::now();
         let result = sink::send(&self.http, &cfg, &d.event).await;
         let secs = started.elapsed().as_secs_f64();
         let attempts = d.attempts + 1;
         let age = Duration::from_millis((now_ms() - d.created).max(0) as u64);
-        let (state, next_at, err) = match result {
+        let (state, next_at, error) = match result {
             Ok(()) => {
                 crate::metrics::delivery(&cfg.name, "delivered", secs);
                 tracing::info!(trigger = %cfg.name, tag = %d.tag, digest = %d.digest, attempts, "delivered");
@@ -314,13 +344,12 @@ impl Triggers {
                 }
             }
         };
-        if let Err(e) = self
-            .engine
-            .store
-            .update_delivery(d.id, state, attempts, next_at, err, now_ms())
-            .await
-        {
-            tracing::error!(error = %e, delivery = d.id, "cannot record delivery result; it will be attempted again");
+        Completion {
+            id: d.id,
+            state,
+            attempts,
+            next_at,
+            error,
         }
     }
 

@@ -98,6 +98,8 @@ pub struct RegistryOptions {
     pub htpasswd: Option<String>,
     /// Log every request (for counting checks).
     pub access_log: bool,
+    /// A second notification endpoint without auth (to time the registry's own delay).
+    pub second_notify: Option<String>,
 }
 
 impl Registry {
@@ -124,6 +126,11 @@ impl Registry {
             cfg += &format!(
                 "notifications:\n  endpoints:\n    - name: istream\n      url: {url}\n      headers:\n        Authorization: [\"Bearer {token}\"]\n      timeout: 2s\n      threshold: 5\n      backoff: 200ms\n      ignoredmediatypes:\n        - application/octet-stream\n      ignore:\n        actions:\n          - pull\n"
             );
+            if let Some(url2) = &o.second_notify {
+                cfg += &format!(
+                    "    - name: timer\n      url: {url2}\n      timeout: 2s\n      threshold: 5\n      backoff: 200ms\n      ignoredmediatypes:\n        - application/octet-stream\n      ignore:\n        actions:\n          - pull\n"
+                );
+            }
         }
         let path = dir.path().join("config.yml");
         std::fs::write(&path, cfg).unwrap();
@@ -301,6 +308,22 @@ impl Pusher {
             r.text().await.unwrap_or_default()
         );
         sha256(body)
+    }
+
+    /// Uploads the blobs of an image and returns its manifest, so a push is one manifest PUT.
+    pub async fn prepare(&self, repo: &str, seed: &str) -> Vec<u8> {
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Labels":{{"seed":"{seed}"}}}},"rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+        );
+        let layer = format!("layer {seed}");
+        let cd = self.blob(repo, config.as_bytes()).await;
+        let ld = self.blob(repo, layer.as_bytes()).await;
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","size":{},"digest":"{cd}"}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":{},"digest":"{ld}"}}]}}"#,
+            config.len(),
+            layer.len()
+        )
+        .into_bytes()
     }
 
     /// A small single-platform image whose content depends on `seed`; returns its digest.
@@ -490,6 +513,13 @@ impl Engine {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts again on the same store with `extra` appended to the config.
+    pub fn restart_with(&mut self, extra: &str) {
+        self.stop();
+        self.config.push_str(extra);
+        self.spawn();
     }
 
     /// Starts again with the same config and store, on a new port.

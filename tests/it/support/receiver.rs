@@ -112,6 +112,22 @@ impl Receiver {
         *self.inner.delay.lock().unwrap() = d;
     }
 
+    /// How many requests arrived (no copy: cheap enough to poll in benchmarks).
+    pub fn len(&self) -> usize {
+        self.inner.seen.lock().unwrap().len()
+    }
+
+    /// How many requests arrived at `path`.
+    pub fn count(&self, path: &str) -> usize {
+        self.inner
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .count()
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.seen.lock().unwrap().clone()
     }

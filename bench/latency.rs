@@ -1,0 +1,374 @@
+//! Latency and throughput of the outputs: figures, not assertions.
+//! Run with `cargo bench --bench latency` (needs docker-registry and nats-server >= 2.10, as
+//! `scripts/test.sh` installs; `ISTREAM_TEST_NATS` points at the latter).
+//!
+//! 1. events: change recorded → event received, in-process (`watch` stream) and over JetStream,
+//!    next to raw NATS publish → receive on the same server;
+//! 2. triggers: tag change → webhook request received (p50/p99), and deliveries per second with
+//!    the durable bookkeeping on, next to a plain HTTP POST loop to the same receiver;
+//! 3. push: manifest PUT at the registry → trigger request received, with the registry's own
+//!    notification delay measured alone.
+
+#[path = "../tests/it/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use support::receiver::Receiver;
+use support::*;
+
+fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
+    v.sort();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1000.0
+}
+
+fn report(name: &str, v: &[Duration]) {
+    println!(
+        "{name:<58} p50 {:>7.2} ms   p99 {:>7.2} ms   (n={})",
+        pct(v.to_vec(), 0.5),
+        pct(v.to_vec(), 0.99),
+        v.len()
+    );
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    async fn tag(&self, source: &str, dest: &str) {
+        let r = self
+            .http
+            .post(format!("{}/api/v1/namespaces/default/tag", self.base))
+            .json(&serde_json::json!({"source": source, "dests": [dest]}))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "tag {source} {dest}: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+}
+
+/// Two images in stream `app` (tags a and b) to flip `app:latest` between without a registry.
+async fn two_images(e: &Engine, reg: &Registry) -> (String, String) {
+    let push = Pusher::new(&reg.host);
+    let da = push.image("bench/app", "a", "a").await;
+    let db = push.image("bench/app", "b", "b").await;
+    for (t, _) in [("a", &da), ("b", &db)] {
+        let o = e.cli(&[
+            "import-image",
+            &format!("app:{t}"),
+            &format!("--from={}/bench/app:{t}", reg.host),
+            "--confirm",
+        ]);
+        assert!(o.status.success());
+    }
+    (da, db)
+}
+
+async fn events(reg: &Registry) {
+    println!("== events: change recorded -> event received");
+    let nats = Nats::start();
+    // raw NATS baseline
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let mut sub = client.subscribe("bench.raw").await.unwrap();
+    client.flush().await.unwrap();
+    let mut raw = Vec::new();
+    for _ in 0..300 {
+        let t0 = Instant::now();
+        client.publish("bench.raw", "x".into()).await.unwrap();
+        client.flush().await.unwrap();
+        sub.next().await.unwrap();
+        raw.push(t0.elapsed());
+    }
+    report("raw NATS publish -> receive (baseline)", &raw);
+
+    let e = Engine::start(&format!("[nats]\nurl = \"{}\"\n", nats.url));
+    let (da, db) = two_images(&e, reg).await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        base: e.url.clone(),
+    };
+    let mut js_sub = client
+        .subscribe("istream.default.app.latest")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    // in-process: the watch stream
+    let watch = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v1/watch?namespace=default&stream=app&tag=latest",
+            e.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = watch.bytes_stream();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(i) = buf.find("\n\n") {
+                let ev: String = buf.drain(..i + 2).collect();
+                if ev.contains("data:") {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        }
+    });
+    let (mut inproc, mut js) = (Vec::new(), Vec::new());
+    for i in 0..300 {
+        let src = if i % 2 == 0 {
+            format!("app@{da}")
+        } else {
+            format!("app@{db}")
+        };
+        let t0 = Instant::now();
+        api.tag(&src, "app:latest").await;
+        let t_in = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let _ = tokio::time::timeout(DEADLINE, js_sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        inproc.push(t_in - t0);
+        js.push(t0.elapsed());
+    }
+    report("API tag call -> watch (SSE) event, in-process", &inproc);
+    report("API tag call -> JetStream event (acked publish)", &js);
+    println!(
+        "  (both include the API call and the SQLite commit; the JetStream path also the ack)"
+    );
+}
+
+async fn triggers(reg: &Registry) {
+    println!("== triggers: tag change -> request at the receiver");
+    let rx = Receiver::start().await;
+    // baseline: a plain POST loop, one at a time, then 32 at once
+    let http = reqwest::Client::new();
+    let mut base = Vec::new();
+    for _ in 0..300 {
+        let t0 = Instant::now();
+        http.post(format!("{}/base", rx.url))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        base.push(t0.elapsed());
+    }
+    report("plain HTTP POST to the receiver (baseline)", &base);
+    let n = 4000;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let (http, url) = (http.clone(), rx.url.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in (w..n).step_by(32) {
+                http.post(format!("{url}/base"))
+                    .body("{}")
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let base_rate = n as f64 / t0.elapsed().as_secs_f64();
+    println!(
+        "{:<58} {base_rate:>8.0} requests/s",
+        "plain HTTP POST loop, 32 in flight (baseline)"
+    );
+
+    let e = Engine::start(&format!(
+        "[[trigger]]\nname = \"lat\"\non = [\"app:latest\"]\nwebhook = {{ url = \"{}/lat\" }}\n",
+        rx.url
+    ));
+    let (da, db) = two_images(&e, reg).await;
+    let api = Api {
+        http: http.clone(),
+        base: e.url.clone(),
+    };
+    let count = |rx: &Receiver, p: &str| rx.count(p);
+    let mut lat = Vec::new();
+    for i in 0..300 {
+        let before = count(&rx, "/lat");
+        let src = if i % 2 == 0 {
+            format!("app@{da}")
+        } else {
+            format!("app@{db}")
+        };
+        let t0 = Instant::now();
+        api.tag(&src, "app:latest").await;
+        while count(&rx, "/lat") <= before {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        lat.push(t0.elapsed());
+    }
+    report("API tag call -> webhook request received", &lat);
+    drop(e);
+
+    // throughput: a trigger on 2000 tags that never fired; at start it fires for each
+    let tags = 2000;
+    let mut e = Engine::start("");
+    let (da, _) = two_images(&e, reg).await;
+    for i in 0..tags {
+        api_tag(&e, &format!("app@{da}"), &format!("app:t{i}")).await;
+    }
+    e.stop();
+    let on: Vec<String> = (0..tags).map(|i| format!("\"app:t{i}\"")).collect();
+    let cfg = format!(
+        "[[trigger]]\nname = \"bulk\"\non = [{}]\nwebhook = {{ url = \"{}/bulk\" }}\n",
+        on.join(","),
+        rx.url
+    );
+    let t0 = Instant::now();
+    e.restart_with(&cfg);
+    let mut first = None;
+    while count(&rx, "/bulk") < tags {
+        if first.is_none() && count(&rx, "/bulk") > 0 {
+            first = Some((Instant::now(), count(&rx, "/bulk")));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = tags as f64 / t0.elapsed().as_secs_f64();
+    if let Some((t1, n1)) = first {
+        let steady = (tags - n1) as f64 / t1.elapsed().as_secs_f64();
+        println!(
+            "{:<58} {steady:>8.0} deliveries/s (first to last request)",
+            "deliveries sustained, durable bookkeeping (SQLite)"
+        );
+    }
+    println!(
+        "{:<58} {rate:>8.0} deliveries/s (ratio {:.2} to the POST loop)",
+        "  the same from engine start (spawn, plan 2000 tags)",
+        rate / base_rate
+    );
+}
+
+async fn api_tag(e: &Engine, src: &str, dest: &str) {
+    Api {
+        http: reqwest::Client::new(),
+        base: e.url.clone(),
+    }
+    .tag(src, dest)
+    .await
+}
+
+async fn push() {
+    println!("== push: manifest PUT at the registry -> trigger request received");
+    let rx = Receiver::start().await;
+    let notified = Receiver::start().await;
+    let port = free_port();
+    let reg = Registry::start_with(RegistryOptions {
+        notify: Some((
+            format!("http://127.0.0.1:{port}/hooks/registry"),
+            "bench-token".into(),
+        )),
+        second_notify: Some(format!("{}/notified", notified.url)),
+        ..Default::default()
+    });
+    let e = Engine::start_on(
+        port,
+        // The registry is our own: lift the default politeness budget (20 requests/s) that
+        // would otherwise pace 200 pushes in a row.
+        &format!(
+            "[hooks]\ntoken_env = \"T_HOOK\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\n\n[[trigger]]\nname = \"push\"\non = [\"app:latest\"]\nwebhook = {{ url = \"{}/push\" }}\n",
+            reg.host, rx.url
+        ),
+        &[("T_HOOK", "bench-token")],
+    );
+    let pusher = Pusher::new(&reg.host);
+    pusher.image("bench/push", "latest", "0").await;
+    let o = e.cli(&["tag", &format!("{}/bench/push", reg.host), "app:latest"]);
+    assert!(o.status.success());
+    // pre-upload blobs so each measured push is one manifest PUT
+    let (mut total, mut notify) = (Vec::new(), Vec::new());
+    let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    for i in 1..=200 {
+        let manifest = pusher.prepare("bench/push", &i.to_string()).await;
+        let (n_before, r_before) = (notified.len(), rx.len());
+        let t0 = Instant::now();
+        pusher
+            .manifest(
+                "bench/push",
+                "latest",
+                "application/vnd.docker.distribution.manifest.v2+json",
+                &manifest,
+            )
+            .await;
+        let mut got_notify = None;
+        loop {
+            if got_notify.is_none() && notified.len() > n_before {
+                got_notify = Some(t0.elapsed());
+            }
+            if rx.len() > r_before {
+                total.push(t0.elapsed());
+                break;
+            }
+            if t0.elapsed() > DEADLINE {
+                panic!("push {i} never reached the receiver");
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        while got_notify.is_none() {
+            if notified.len() > n_before {
+                got_notify = Some(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        notify.extend(got_notify);
+        times.lock().unwrap().push(t0);
+    }
+    report(
+        "registry's own notification delay (PUT -> webhook)",
+        &notify,
+    );
+    report("push -> trigger request received (end to end)", &total);
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    istream::registry::install_crypto();
+    rt.block_on(async {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_default();
+        println!(
+            "machine: {} cores, {cpu}",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0)
+        );
+        let reg = Registry::start();
+        events(&reg).await;
+        triggers(&reg).await;
+        push().await;
+    });
+}
