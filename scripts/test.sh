@@ -24,4 +24,6 @@ fi
 export ISTREAM_TEST_NATS="$PWD/.venv/bin/nats-server"
 export ISTREAM_TEST_OLD_NATS=/usr/sbin/nats-server
 
-cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"
+cargo test --lib --bins --tests --examples -- --test-threads="${TEST_THREADS:-4}"
+# the benchmarks build too (they run with `cargo bench`)
+cargo build --benches
