@@ -24,6 +24,6 @@ fi
 export ISTREAM_TEST_NATS="$PWD/.venv/bin/nats-server"
 export ISTREAM_TEST_OLD_NATS=/usr/sbin/nats-server
 
-cargo test --lib --bins --tests --examples -- --test-threads="${TEST_THREADS:-4}"
-# the benchmarks build too (they run with `cargo bench`)
-cargo build --benches
+# Examples and benchmarks must build (benchmarks run with `cargo bench`, not here).
+cargo build --examples --benches
+cargo test --lib --bins --tests -- --test-threads="${TEST_THREADS:-4}"
