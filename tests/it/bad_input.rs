@@ -138,6 +138,14 @@ async fn stub_registry(fault: &'static str) -> String {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 (StatusCode::OK, h, String::new())
             }
+            "huge" => (
+                StatusCode::OK,
+                h,
+                format!(
+                    "{{\"schemaVersion\":2,\"pad\":\"{}\"}}",
+                    "x".repeat(5 << 20)
+                ),
+            ),
             _ => (StatusCode::OK, h, "{not json".to_string()),
         }
     });
@@ -155,6 +163,7 @@ async fn registry_faults_map_to_reasons() {
         ("401", "Unauthorized"),
         ("garbage-digest", "InvalidResponse"),
         ("no-digest-garbage-body", "InvalidResponse"),
+        ("huge", "InvalidResponse"),
     ] {
         let host = stub_registry(fault).await;
         let name = format!("s{}:x", fault.len());
@@ -169,4 +178,61 @@ async fn registry_faults_map_to_reasons() {
         assert_eq!(t["digest"], serde_json::Value::Null, "{fault}");
         assert_eq!(t["conditions"][0]["reason"], reason, "{fault}: {t}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_api_bodies_get_4xx() {
+    istream::registry::install_crypto();
+    let e = Engine::start("");
+    let c = reqwest::Client::new();
+    let big = "x".repeat(2 << 20);
+    for path in [
+        "/api/v1/namespaces/default/import",
+        "/api/v1/namespaces/default/tag",
+    ] {
+        for body in [
+            "",
+            "{",
+            "[]",
+            "{\"name\": 5}",
+            "{\"source\": \"a\", \"dests\": \"b\"}",
+            "{\"unknown\": 1}",
+            big.as_str(),
+        ] {
+            let r = c
+                .post(format!("{}{path}", e.url))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            let s = match r {
+                Ok(r) => r.status().as_u16(),
+                // refused before it was read: the server may close while we still write
+                Err(err) if body.len() > 1000 && err.is_request() => 413,
+                Err(err) => panic!("{path}: {err}"),
+            };
+            assert!((400..500).contains(&s), "{path} with {:.20}: {s}", body);
+            if body.len() > 1000 {
+                assert_eq!(s, 413);
+            }
+        }
+    }
+    for path in [
+        "/api/v1/namespaces/Bad_NS/imagestreams",
+        "/api/v1/namespaces/default/imagestreamtags/a:b:c",
+        "/api/v1/namespaces/default/imagestreamimages/x@md5:1",
+        "/api/v1/namespaces/default/imagestreams/%00",
+        "/api/v1/nope",
+    ] {
+        let s = c
+            .get(format!("{}{path}", e.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert!((400..500).contains(&s), "{path}: {s}");
+    }
+    assert_eq!(e.get("/healthz").await.status().as_u16(), 200);
+    assert_eq!(e.cli(&["get", "is", "-o", "json"]).stdout, b"[]\n");
 }
