@@ -77,7 +77,6 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.server.max_body_bytes;
     let api = Router::new()
-        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/namespaces/{ns}/imagestreams", get(list_streams))
         .route(
             "/api/v1/namespaces/{ns}/imagestreams/{name}",
@@ -104,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(api)
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

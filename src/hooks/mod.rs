@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
@@ -38,7 +38,13 @@ impl HookState {
     }
 }
 
-fn authorized(s: &AppState, source: &str, headers: &HeaderMap, peer: SocketAddr) -> bool {
+fn authorized(
+    s: &AppState,
+    source: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    peer: SocketAddr,
+) -> bool {
     let secret: Option<&Secret> = s.config.hooks.tokens.get(source).or(s
         .config
         .hooks
@@ -55,9 +61,10 @@ fn authorized(s: &AppState, source: &str, headers: &HeaderMap, peer: SocketAddr)
                 .unwrap_or(v)
                 .trim()
         })
-        // Harbor sends its "auth header" verbatim; Quay and Docker Hub can only add a query or
-        // a custom header, so a dedicated header is accepted too.
-        .or_else(|| crate::api::header_str(headers, "x-istream-token"));
+        // Harbor sends its "auth header" verbatim; a dedicated header is accepted too, and a
+        // `?token=` query for Docker Hub and Quay, whose webhooks can set no header at all.
+        .or_else(|| crate::api::header_str(headers, "x-istream-token"))
+        .or_else(|| query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token="))));
     presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(secret.expose().as_bytes())))
 }
 
@@ -65,6 +72,7 @@ pub async fn handle(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(source): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -75,7 +83,7 @@ pub async fn handle(
         )
         .into_response();
     }
-    if !authorized(&s, &source, &headers, peer) {
+    if !authorized(&s, &source, &headers, query.as_deref(), peer) {
         crate::metrics::hook(&source, "unauthorized");
         return ApiError(
             StatusCode::UNAUTHORIZED,
