@@ -374,8 +374,9 @@ async fn import(
     State(s): State<AppState>,
     caller: Caller,
     Path(ns): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<ImportBody>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult<Json<OperationView>> {
+) -> ApiResult<Response> {
     let Json(b) = body.map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -385,7 +386,8 @@ async fn import(
     let ns = ns_name(&ns)?;
     let t = StreamTagRef::parse(&b.name, &ns)?;
     caller.allow(&t.stream.namespace, Verb::Import)?;
-    let req = ImportRequest {
+    let mut req = ImportRequest {
+        progress: None,
         name: b.name,
         namespace: ns,
         from: b.from,
@@ -395,8 +397,59 @@ async fn import(
         insecure: b.insecure,
         platform: b.platform,
     };
-    let outcomes = s.engine.import_image(&req).await?;
-    results(&s, outcomes).await
+    let streaming = req.all
+        && header_str(&headers, "accept").is_some_and(|a| a.contains("application/x-ndjson"));
+    if !streaming {
+        let outcomes = s.engine.import_image(&req).await?;
+        return Ok(results(&s, outcomes).await?.into_response());
+    }
+    // `--all` with progress: one JSON line per event — `{"total": N}`, then a result per tag
+    // as it completes, and `{"error": ...}` if the operation itself fails.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    req.progress = Some(tx.clone());
+    let (line_tx, line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let state = s.clone();
+    tokio::spawn(async move {
+        let engine = state.engine.clone();
+        let errors = line_tx.clone();
+        let work = tokio::spawn(async move { engine.import_image(&req).await });
+        drop(tx);
+        let mut rx = rx;
+        while let Some(p) = rx.recv().await {
+            let line = match p {
+                crate::core::Progress::Total(n) => serde_json::json!({ "total": n }).to_string(),
+                crate::core::Progress::Done(o) => {
+                    let view = results(&state, vec![o])
+                        .await
+                        .ok()
+                        .and_then(|Json(mut v)| v.results.pop());
+                    serde_json::to_string(&view).unwrap_or_default()
+                }
+            };
+            let _ = line_tx.send(line + "\n");
+        }
+        match work.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                let _ =
+                    errors.send(serde_json::json!({ "error": e.to_string() }).to_string() + "\n");
+            }
+            Err(e) => {
+                let _ = errors.send(
+                    serde_json::json!({ "error": format!("import failed: {e}") }).to_string()
+                        + "\n",
+                );
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(line_rx).map(Ok::<_, Infallible>),
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
 }
 
 /// Body of `POST /api/v1/namespaces/{ns}/tag`.

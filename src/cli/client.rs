@@ -101,6 +101,39 @@ impl Client {
             .map_err(|e| CliError::Failed(format!("unreadable answer from the engine: {e}")))
     }
 
+    /// POSTs and reads the answer as JSON lines, handing each to `each` as it arrives.
+    pub async fn post_lines<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+        mut each: impl FnMut(serde_json::Value),
+    ) -> Result<(), CliError> {
+        use futures_util::StreamExt as _;
+        let resp = self
+            .finish(
+                self.req(reqwest::Method::POST, path)
+                    .header("accept", "application/x-ndjson")
+                    .json(body)
+                    .send()
+                    .await,
+            )
+            .await?;
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|e| CliError::Failed(format!("the engine's answer was cut off: {e}")))?;
+            buf.extend_from_slice(&chunk);
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                if let Ok(v) = serde_json::from_slice(&line) {
+                    each(v);
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
         self.finish(self.req(reqwest::Method::DELETE, path).send().await)
             .await

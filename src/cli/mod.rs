@@ -209,6 +209,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 "name": a.name, "from": a.from, "confirm": a.confirm, "all": a.all,
                 "scheduled": a.scheduled, "insecure": a.insecure, "platform": a.platform,
             });
+            if a.all && out.is_none() {
+                return output::import_all_progress(&c, &ns, &body).await;
+            }
             let op: crate::api::OperationView = c
                 .post(&format!("/api/v1/namespaces/{ns}/import"), &body)
                 .await?;

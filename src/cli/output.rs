@@ -137,6 +137,58 @@ pub fn operation(
     }
 }
 
+/// `import-image --all`: a line per tag as it is imported, then a summary; exit 1 when any
+/// tag failed.
+pub async fn import_all_progress(
+    c: &Client,
+    ns: &str,
+    body: &serde_json::Value,
+) -> Result<(), CliError> {
+    use std::io::Write;
+    let (mut total, mut done, mut failed, mut error) = (0usize, 0usize, Vec::new(), None);
+    c.post_lines(&format!("/api/v1/namespaces/{ns}/import"), body, |v| {
+        if let Some(n) = v["total"].as_u64() {
+            total = n as usize;
+            println!("importing {total} tags");
+        } else if let Some(e) = v["error"].as_str() {
+            error = Some(e.to_string());
+        } else if let Some(tag) = v["tag"].as_str() {
+            done += 1;
+            let name = StreamTagRef::parse(tag, ns)
+                .map(|t| t.display_in(ns))
+                .unwrap_or(tag.to_string());
+            if v["status"] == "Success" {
+                println!(
+                    "[{done}/{total}] {name} {}",
+                    v["view"]["digest"].as_str().unwrap_or("")
+                );
+            } else {
+                let why = format!(
+                    "{} ({})",
+                    v["message"].as_str().unwrap_or(""),
+                    v["reason"].as_str().unwrap_or("")
+                );
+                println!("[{done}/{total}] {name} failed: {why}");
+                failed.push(format!("{name}: {why}"));
+            }
+            let _ = std::io::stdout().flush();
+        }
+    })
+    .await?;
+    if let Some(e) = error {
+        return Err(CliError::Failed(e));
+    }
+    println!("{} of {total} tags imported", done - failed.len());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "import failed for {}",
+            failed.join("; ")
+        )))
+    }
+}
+
 pub async fn get(
     c: &Client,
     ns: &str,

@@ -48,8 +48,19 @@ pub struct Outcome {
     pub error: Option<RegistryError>,
 }
 
+/// Progress of a long import (`--all`), for clients that stream it.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// How many tags will be imported.
+    Total(usize),
+    /// One tag done.
+    Done(Outcome),
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ImportRequest {
+    /// Receives progress of `--all` imports as they happen.
+    pub progress: Option<mpsc::UnboundedSender<Progress>>,
     /// `[ns/]stream[:tag]`
     pub name: String,
     pub namespace: String,
@@ -467,23 +478,34 @@ impl Engine {
         existing: Option<&ImageStream>,
     ) -> Result<Vec<Outcome>, CoreError> {
         let mut outcomes = Vec::new();
+        let report = |p: Progress| {
+            if let Some(tx) = &req.progress {
+                let _ = tx.send(p);
+            }
+        };
         let Some(from) = &req.from else {
             // Re-import every tag of the stream that comes from an external image.
             let s = existing.ok_or_else(|| {
                 CoreError::NotFound(format!("image stream {} not found", tag.stream))
             })?;
-            for (name, t) in &s.tags {
-                if matches!(t.spec.from, TagFrom::Image(_)) {
-                    let tr = StreamTagRef::new(tag.stream.clone(), name)?;
-                    let result = self.resolve(&t.spec, None).await;
-                    let (_, err) = self
-                        .record_import(&tr, &t.spec, result, Cause::Import, false)
-                        .await?;
-                    outcomes.push(Outcome {
-                        tag: tr,
-                        error: err,
-                    });
-                }
+            let imported: Vec<(&String, &crate::model::Tag)> = s
+                .tags
+                .iter()
+                .filter(|(_, t)| matches!(t.spec.from, TagFrom::Image(_)))
+                .collect();
+            report(Progress::Total(imported.len()));
+            for (name, t) in imported {
+                let tr = StreamTagRef::new(tag.stream.clone(), name)?;
+                let result = self.resolve(&t.spec, None).await;
+                let (_, err) = self
+                    .record_import(&tr, &t.spec, result, Cause::Import, false)
+                    .await?;
+                let o = Outcome {
+                    tag: tr,
+                    error: err,
+                };
+                report(Progress::Done(o.clone()));
+                outcomes.push(o);
             }
             return Ok(outcomes);
         };
@@ -499,6 +521,7 @@ impl Engine {
         };
         sort_tags_for_import(&mut tags);
         tags.truncate(self.max_import_all);
+        report(Progress::Total(tags.len()));
         for t in tags {
             let tr = StreamTagRef::new(tag.stream.clone(), &t)?;
             let spec = TagSpec {
@@ -509,7 +532,9 @@ impl Engine {
                 insecure: req.insecure,
                 platform: req.platform.clone(),
             };
-            outcomes.push(self.set_and_import(&tr, spec, Cause::Import).await?);
+            let o = self.set_and_import(&tr, spec, Cause::Import).await?;
+            report(Progress::Done(o.clone()));
+            outcomes.push(o);
         }
         Ok(outcomes)
     }

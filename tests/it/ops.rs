@@ -18,9 +18,24 @@ async fn import_all_takes_latest_then_versions_descending() {
         "app",
         &format!("--from={}/a/app", reg.host),
         "--all",
+    ]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("--confirm"), "{}", stderr(&o));
+    let o = e.cli(&[
+        "import-image",
+        "app",
+        &format!("--from={}/a/app", reg.host),
+        "--all",
         "--confirm",
     ]);
     expect_code(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains("importing 3 tags")
+            && out.contains("[1/3] app:latest sha256:")
+            && out.contains("[3/3]"),
+        "{out}"
+    );
     assert!(
         stdout(&o).contains("3 of 3 tags imported"),
         "{}",
