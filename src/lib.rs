@@ -29,6 +29,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod model;
 pub mod registry;
+mod robustness;
 pub mod scheduler;
 pub mod serve;
 pub mod store;

@@ -20,6 +20,10 @@ use crate::config::Secret;
 use crate::model::{StreamName, StreamTagRef};
 pub use parse::Push;
 
+/// The payload parsers, for robustness tests.
+#[cfg(test)]
+pub(crate) use parse::parse as parse_for_fuzz;
+
 #[derive(Default)]
 pub struct HookState {
     /// Re-checks running per `registry/repo:tag`; true when another push arrived meanwhile.
