@@ -32,6 +32,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(n) => Bus::Nats(Box::new(NatsBus::connect(n).await?)),
         None => Bus::InProcess,
     };
+    let tls = match &config.server.tls {
+        Some((cert, key)) => Some(
+            crate::api::tls_acceptor(cert, key)
+                .map_err(|e| anyhow::anyhow!("{}: [server] TLS: {e}", config.path.display()))?,
+        ),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
@@ -54,11 +62,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    tracker.spawn(crate::api::serve(listener, state, cancel.clone()));
+    tracker.spawn(crate::api::serve(listener, state, tls, cancel.clone()));
     if config.api_tokens.is_empty() {
         tracing::info!("no [[api.token]] declared: the API serves loopback clients only");
     }
-    tracing::info!(address = %addr, store = %config.store.path.display(), "istream listening on http://{addr}");
+    tracing::info!(address = %addr, store = %config.store.path.display(), "istream listening on {scheme}://{addr}");
 
     let to_import = engine.apply_declared(&config.streams).await?;
     {

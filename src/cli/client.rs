@@ -19,7 +19,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(server: &str, token: Option<&str>) -> Result<Client, CliError> {
+    pub fn new(
+        server: &str,
+        token: Option<&str>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client, CliError> {
         crate::registry::install_crypto();
         let base = server.trim_end_matches('/').to_string();
         let u = reqwest::Url::parse(&base)
@@ -29,8 +33,18 @@ impl Client {
                 "--server {server}: must be an http(s) URL"
             )));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
+        let mut builder =
+            reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5));
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).map_err(|e| {
+                CliError::Usage(format!("--certificate-authority {}: {e}", ca.display()))
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                CliError::Usage(format!("--certificate-authority {}: {e}", ca.display()))
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
             .build()
             .map_err(|e| CliError::Failed(e.to_string()))?;
         Ok(Client {

@@ -30,6 +30,9 @@ pub struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
+    /// PEM file of the CA that signed the engine's TLS certificate (for https servers).
+    #[arg(long, global = true, env = "ISTREAM_CA")]
+    pub certificate_authority: Option<PathBuf>,
     /// API token (sent as Authorization: Bearer).
     #[arg(long, global = true, env = "ISTREAM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -204,7 +207,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(p) = &a.platform {
                 crate::config::check_platform(p).map_err(|e| usage(format!("--platform: {e}")))?;
             }
-            let c = Client::new(&cli.server, cli.token.as_deref())?;
+            let c = Client::new(
+                &cli.server,
+                cli.token.as_deref(),
+                cli.certificate_authority.as_deref(),
+            )?;
             let body = serde_json::json!({
                 "name": a.name, "from": a.from, "confirm": a.confirm, "all": a.all,
                 "scheduled": a.scheduled, "insecure": a.insecure, "platform": a.platform,
@@ -217,13 +224,38 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             output::operation(&op, out.as_deref(), &ns, "import")
         }
-        Command::Tag(a) => tag(&cli.server, cli.token.as_deref(), &ns, out.as_deref(), a).await,
+        Command::Tag(a) => {
+            tag(
+                &Client::new(
+                    &cli.server,
+                    cli.token.as_deref(),
+                    cli.certificate_authority.as_deref(),
+                )?,
+                &ns,
+                out.as_deref(),
+                a,
+            )
+            .await
+        }
         Command::Describe { what } => {
-            describe::run(&Client::new(&cli.server, cli.token.as_deref())?, &ns, &what).await
+            describe::run(
+                &Client::new(
+                    &cli.server,
+                    cli.token.as_deref(),
+                    cli.certificate_authority.as_deref(),
+                )?,
+                &ns,
+                &what,
+            )
+            .await
         }
         Command::Get { kind, name } => {
             output::get(
-                &Client::new(&cli.server, cli.token.as_deref())?,
+                &Client::new(
+                    &cli.server,
+                    cli.token.as_deref(),
+                    cli.certificate_authority.as_deref(),
+                )?,
                 &ns,
                 &kind,
                 name.as_deref(),
@@ -233,7 +265,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Watch { name } => {
             output::watch(
-                &Client::new(&cli.server, cli.token.as_deref())?,
+                &Client::new(
+                    &cli.server,
+                    cli.token.as_deref(),
+                    cli.certificate_authority.as_deref(),
+                )?,
                 &ns,
                 name.as_deref(),
                 out.as_deref(),
@@ -253,7 +289,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Triggers { args } => {
             output::triggers(
-                &Client::new(&cli.server, cli.token.as_deref())?,
+                &Client::new(
+                    &cli.server,
+                    cli.token.as_deref(),
+                    cli.certificate_authority.as_deref(),
+                )?,
                 &args,
                 out.as_deref(),
             )
@@ -289,13 +329,7 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn tag(
-    server: &str,
-    token: Option<&str>,
-    ns: &str,
-    out: Option<&str>,
-    a: TagArgs,
-) -> Result<(), CliError> {
+async fn tag(c: &Client, ns: &str, out: Option<&str>, a: TagArgs) -> Result<(), CliError> {
     if a.delete {
         if a.alias || a.scheduled || a.insecure || a.source.is_some() || a.platform.is_some() {
             return Err(usage("-d takes only the tags to delete"));
@@ -303,7 +337,6 @@ async fn tag(
         for d in &a.args {
             StreamTagRef::parse(d, ns).map_err(usage)?;
         }
-        let c = Client::new(server, token)?;
         for d in &a.args {
             let t = StreamTagRef::parse(d, ns).map_err(usage)?;
             c.delete(&format!(
@@ -364,7 +397,6 @@ async fn tag(
     if let Some(p) = &a.platform {
         crate::config::check_platform(p).map_err(|e| usage(format!("--platform: {e}")))?;
     }
-    let c = Client::new(server, token)?;
     let body = serde_json::json!({
         "source": source, "source_kind": kind, "dests": dests, "alias": a.alias,
         "scheduled": a.scheduled, "insecure": a.insecure, "platform": a.platform,

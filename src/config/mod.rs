@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Name of this engine in event sources (`istream://<instance>/...`).
     pub instance: String,
+    /// PEM certificate chain and key: serve HTTPS instead of HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -430,7 +432,28 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             format!("\"{listen_s}\" is not an address like 127.0.0.1:8080"),
         )
     })?;
+    let tls = match (&raw.server.tls_cert_file, &raw.server.tls_key_file) {
+        (Some(c), Some(k)) => {
+            for (key, f) in [("tls_cert_file", c), ("tls_key_file", k)] {
+                if !expand_home(f).is_file() {
+                    return Err(loc.err(
+                        &[K("server"), K(key)],
+                        format!("{f} is not a readable file"),
+                    ));
+                }
+            }
+            Some((expand_home(c), expand_home(k)))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(loc.err(
+                &[K("server"), K("tls_cert_file")],
+                "give both tls_cert_file and tls_key_file",
+            ));
+        }
+    };
     let server = ServerConfig {
+        tls,
         listen,
         allow_unauthenticated: raw.server.allow_unauthenticated.unwrap_or(false),
         max_body_bytes: raw.server.max_body_bytes.unwrap_or(1 << 20),

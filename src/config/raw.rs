@@ -42,6 +42,8 @@ pub struct Server {
     pub allow_unauthenticated: Option<bool>,
     pub max_body_bytes: Option<usize>,
     pub instance: Option<String>,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -314,3 +314,112 @@ async fn metrics_count_changes() {
         .unwrap();
     assert_eq!(spec["openapi"], "3.0.3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ca = dir.path().join("ca.pem");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl makes test certificates");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-days",
+            "1",
+            "-subj",
+            "/CN=istream test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.path().join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    // TLS keys through environment overrides of [server]
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let e = Engine::start_env(
+        "",
+        &[
+            ("ISTREAM_SERVER__TLS_CERT_FILE", &c),
+            ("ISTREAM_SERVER__TLS_KEY_FILE", &k),
+        ],
+    );
+    assert!(e.url.starts_with("https://"), "{}", e.url);
+    // the CLI trusts the engine through --certificate-authority
+    let o = std::process::Command::new(bin())
+        .args(["get", "is", "-o", "json", "--certificate-authority"])
+        .arg(&ca)
+        .env("ISTREAM_SERVER", &e.url)
+        .output()
+        .unwrap();
+    expect_code(&o, 0);
+    assert_eq!(stdout(&o).trim(), "[]");
+    // without it the certificate is not trusted, and plain HTTP gets no answer
+    let o = std::process::Command::new(bin())
+        .args(["get", "is"])
+        .env("ISTREAM_SERVER", &e.url)
+        .output()
+        .unwrap();
+    expect_code(&o, 1);
+    let plain = e.url.replace("https://", "http://");
+    let o = std::process::Command::new(bin())
+        .args(["get", "is"])
+        .env("ISTREAM_SERVER", &plain)
+        .output()
+        .unwrap();
+    expect_code(&o, 1);
+}

@@ -480,13 +480,18 @@ impl Engine {
         let mut child = cmd.spawn().unwrap();
         let log = Log::default();
         log.follow(child.stderr.take().unwrap());
-        let line = log.wait_line("istream listening on http://", &mut child);
-        let rest = line.split("listening on http://").nth(1).unwrap();
+        let line = log.wait_line("istream listening on ", &mut child);
+        let scheme = if line.contains("listening on https://") {
+            "https"
+        } else {
+            "http"
+        };
+        let rest = line.split("://").nth(1).unwrap();
         let addr: String = rest
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
             .collect();
-        self.url = format!("http://{addr}");
+        self.url = format!("{scheme}://{addr}");
         self.child = Some(child);
         self.log = log;
     }
