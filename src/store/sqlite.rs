@@ -15,6 +15,34 @@ use crate::model::{Event, ImageStream};
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Tells the checkpointer thread to stop when the store is dropped.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Checkpoints the WAL from its own connection once a second, so no commit ever waits for a
+/// checkpoint (SQLite's automatic one runs inside the committing transaction, with an fsync).
+fn spawn_checkpointer(path: &Path, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let path = path.to_path_buf();
+    let _ = std::thread::Builder::new()
+        .name("istream-checkpoint".into())
+        .spawn(move || {
+            let Ok(conn) = Connection::open(&path) else {
+                return;
+            };
+            let _ = conn.pragma_update(None, "busy_timeout", 5000);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(file = %path.display(), error = %e, "WAL checkpoint failed");
+                }
+            }
+        });
 }
 
 const SCHEMA: &str = "
@@ -90,8 +118,11 @@ impl SqliteStore {
             [],
         )
         .map_err(db_err)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        spawn_checkpointer(path, stop.clone());
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            stop,
         })
     }
 
