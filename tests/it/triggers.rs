@@ -250,6 +250,15 @@ webhook = {{ url = \"{}/missing\" }}
     })
     .await;
     expect_code(&e.cli(&["triggers", "retry", "nope"]), 1);
+    // the delivery counters moved
+    let metrics = e.get("/metrics").await.text().await.unwrap();
+    for line in [
+        "istream_deliveries_total{trigger=\"flaky\",result=\"retry\"} 2",
+        "istream_deliveries_total{trigger=\"flaky\",result=\"delivered\"} 1",
+        "istream_deliveries_total{trigger=\"gone\",result=\"dead\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
