@@ -233,19 +233,7 @@ impl Engine {
     fn diff_events(&self, before: Option<&ImageStream>, after: Option<&ImageStream>) -> Vec<Event> {
         let mut out = Vec::new();
         let stream = after.or(before).expect("one side exists");
-        let data = |tag: &str| EventData {
-            namespace: stream.namespace.clone(),
-            stream: stream.name.clone(),
-            tag: tag.to_string(),
-            digest: None,
-            previous: None,
-            image: None,
-            generation: 0,
-            cause: None,
-            reason: None,
-            message: None,
-            trigger: None,
-        };
+        let data = |tag: &str| EventData::for_tag(&stream.namespace, &stream.name, tag);
         if let Some(after) = after {
             for (name, t) in &after.tags {
                 let old = before.and_then(|b| b.tags.get(name));
@@ -525,12 +513,10 @@ impl Engine {
         for t in tags {
             let tr = StreamTagRef::new(tag.stream.clone(), &t)?;
             let spec = TagSpec {
-                from: TagFrom::Image(base.with_tag(&t).to_string()),
-                alias: false,
                 scheduled: req.scheduled,
-                schedule: None,
                 insecure: req.insecure,
                 platform: req.platform.clone(),
+                ..TagSpec::new(TagFrom::Image(base.with_tag(&t).to_string()))
             };
             let o = self.set_and_import(&tr, spec, Cause::Import).await?;
             report(Progress::Done(o.clone()));
@@ -573,12 +559,10 @@ impl Engine {
                 let mut outcomes = Vec::new();
                 for d in &dests {
                     let spec = TagSpec {
-                        from: TagFrom::Image(req.source.clone()),
-                        alias: false,
                         scheduled: req.scheduled,
-                        schedule: None,
                         insecure: req.insecure,
                         platform: req.platform.clone(),
+                        ..TagSpec::new(TagFrom::Image(req.source.clone()))
                     };
                     let existing = self.store.get(&d.stream.key()).await?;
                     let spec = match existing.as_ref().and_then(|(s, _)| s.tags.get(&d.tag)) {
@@ -625,12 +609,8 @@ impl Engine {
                         TagFrom::Tag(src.to_string())
                     };
                     let spec = TagSpec {
-                        from,
                         alias: req.alias,
-                        scheduled: false,
-                        schedule: None,
-                        insecure: false,
-                        platform: None,
+                        ..TagSpec::new(from)
                     };
                     let src_tag_name = src.tag.clone();
                     let same_stream = d.stream == src.stream;
@@ -677,14 +657,8 @@ impl Engine {
                     .clone();
                 let mut outcomes = Vec::new();
                 for d in &dests {
-                    let spec = TagSpec {
-                        from: TagFrom::Digest(format!("{}@{}", src.stream, entry.digest)),
-                        alias: false,
-                        scheduled: false,
-                        schedule: None,
-                        insecure: false,
-                        platform: None,
-                    };
+                    let spec =
+                        TagSpec::new(TagFrom::Digest(format!("{}@{}", src.stream, entry.digest)));
                     let entry = entry.clone();
                     self.mutate(&d.stream, true, |s| {
                         let t = s.set_spec(&d.tag, spec.clone());
@@ -862,14 +836,7 @@ impl Engine {
         if targets.is_empty()
             && let Some(dest) = create_in
         {
-            let spec = TagSpec {
-                from: TagFrom::Image(format!("{registry}/{repository}:{tag}")),
-                alias: false,
-                scheduled: false,
-                schedule: None,
-                insecure: false,
-                platform: None,
-            };
+            let spec = TagSpec::new(TagFrom::Image(format!("{registry}/{repository}:{tag}")));
             let s2 = spec.clone();
             self.mutate(&dest.stream, true, |s| {
                 if !s.tags.contains_key(&dest.tag) {

@@ -44,6 +44,25 @@ pub struct EventData {
     pub trigger: Option<String>,
 }
 
+impl EventData {
+    /// Data naming a tag, every other field empty.
+    pub fn for_tag(namespace: &str, stream: &str, tag: &str) -> EventData {
+        EventData {
+            namespace: namespace.into(),
+            stream: stream.into(),
+            tag: tag.into(),
+            digest: None,
+            previous: None,
+            image: None,
+            generation: 0,
+            cause: None,
+            reason: None,
+            message: None,
+            trigger: None,
+        }
+    }
+}
+
 impl Event {
     pub fn new(
         kind: &str,
@@ -110,17 +129,10 @@ mod tests {
 
     fn data(tag: &str) -> EventData {
         EventData {
-            namespace: "default".into(),
-            stream: "python".into(),
-            tag: tag.into(),
             digest: Some("sha256:x".into()),
-            previous: None,
-            image: None,
-            generation: 1,
             cause: Some("import".into()),
-            reason: None,
-            message: None,
-            trigger: None,
+            generation: 1,
+            ..EventData::for_tag("default", "python", tag)
         }
     }
 

@@ -51,6 +51,20 @@ pub struct TagSpec {
     pub platform: Option<String>,
 }
 
+impl TagSpec {
+    /// A spec from `from` with every policy off.
+    pub fn new(from: TagFrom) -> TagSpec {
+        TagSpec {
+            from,
+            alias: false,
+            scheduled: false,
+            schedule: None,
+            insecure: false,
+            platform: None,
+        }
+    }
+}
+
 /// Why a history entry was added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -11,17 +11,10 @@ fn event(tag: &str, digest: &str) -> Event {
         "test",
         Utc::now(),
         EventData {
-            namespace: "default".into(),
-            stream: "s".into(),
-            tag: tag.into(),
             digest: Some(digest.into()),
-            previous: None,
-            image: None,
-            generation: 1,
             cause: Some("import".into()),
-            reason: None,
-            message: None,
-            trigger: None,
+            generation: 1,
+            ..EventData::for_tag("default", "s", tag)
         },
     )
 }

@@ -11,19 +11,7 @@ pub fn check(tpl: &str) -> Result<(), String> {
         "id".into(),
         "i",
         chrono::Utc::now(),
-        crate::model::EventData {
-            namespace: "n".into(),
-            stream: "s".into(),
-            tag: "t".into(),
-            digest: None,
-            previous: None,
-            image: None,
-            generation: 0,
-            cause: None,
-            reason: None,
-            message: None,
-            trigger: None,
-        },
+        crate::model::EventData::for_tag("n", "s", "t"),
     );
     render(tpl, &sample).map(|_| ())
 }
