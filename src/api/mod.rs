@@ -460,7 +460,8 @@ async fn import(
     let streaming = req.all
         && header_str(&headers, "accept").is_some_and(|a| a.contains("application/x-ndjson"));
     if !streaming {
-        let outcomes = s.engine.import_image(&req).await?;
+        let engine = s.engine.clone();
+        let outcomes = detached(async move { engine.import_image(&req).await }).await?;
         return Ok(results(&s, outcomes).await?.into_response());
     }
     // `--all` with progress: one JSON line per event — `{"total": N}`, then a result per tag
@@ -574,7 +575,8 @@ async fn tag(
         insecure: b.insecure,
         platform: b.platform,
     };
-    let outcomes = s.engine.tag(&req).await?;
+    let engine = s.engine.clone();
+    let outcomes = detached(async move { engine.tag(&req).await }).await?;
     results(&s, outcomes).await
 }
 
@@ -642,6 +644,22 @@ async fn watch(
             .data(json)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Runs an operation to its end even if the client goes away meanwhile: an import that was
+/// started is recorded (image or condition), never left half done by a dropped request.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, CoreError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("operation failed: {e}"),
+            )
+        })?
+        .map_err(ApiError::from)
 }
 
 /// Whether a peer address is loopback, for the no-token default.
