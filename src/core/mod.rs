@@ -112,6 +112,27 @@ pub struct Engine {
     /// Tags whose current image changed, for the trigger planner.
     pub changed_tags: mpsc::UnboundedSender<String>,
     pub spec_changes: mpsc::UnboundedSender<SpecChange>,
+    /// `registry/repository:tag` -> keys of the streams with a tag tracking it, so a push
+    /// finds its tags without reading every stream. Built on first use, kept by `mutate`; it
+    /// may hold stale extras (every hit is checked against the document), never misses.
+    tracking: std::sync::Mutex<Option<std::collections::HashMap<String, BTreeSet<String>>>>,
+}
+
+/// The external references a stream's tags track by tag (digest references never move).
+fn tracked_refs(s: &ImageStream) -> Vec<String> {
+    s.tags
+        .values()
+        .filter_map(|t| match &t.spec.from {
+            TagFrom::Image(r) => ImageRef::parse(r).ok(),
+            _ => None,
+        })
+        .filter(|r| r.digest.is_none())
+        .filter_map(|r| {
+            r.tag
+                .as_ref()
+                .map(|t| format!("{}/{}:{t}", r.registry, r.repository))
+        })
+        .collect()
 }
 
 /// The receiving ends of the engine's notifications, handed to the components that run.
@@ -143,6 +164,7 @@ impl Engine {
                 outbox: Arc::new(Notify::new()),
                 changed_tags: ct_tx,
                 spec_changes: sc_tx,
+                tracking: std::sync::Mutex::new(None),
             }),
             EngineReceivers {
                 changed_tags: ct_rx,
@@ -193,6 +215,9 @@ impl Engine {
             };
             match self.store.commit(commit).await {
                 Ok(_) => {
+                    if specs_changed {
+                        self.index_stream(Some(&after));
+                    }
                     self.announce(&name.key(), events, specs_changed);
                     return Ok(after);
                 }
@@ -203,6 +228,51 @@ impl Engine {
         Err(CoreError::Conflict(format!(
             "image stream {name} kept changing concurrently; try again"
         )))
+    }
+
+    /// Adds a stream's tracked references to the push index (when the index is built).
+    fn index_stream(&self, doc: Option<&ImageStream>) {
+        let mut guard = self.tracking.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(index), Some(doc)) = (guard.as_mut(), doc) {
+            for r in tracked_refs(doc) {
+                index.entry(r).or_default().insert(doc.key());
+            }
+        }
+    }
+
+    /// The streams that may track `reference`, building the index on first use.
+    async fn streams_tracking(&self, reference: &str) -> Result<Vec<String>, CoreError> {
+        let built = self
+            .tracking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !built {
+            let mut index: std::collections::HashMap<String, BTreeSet<String>> = Default::default();
+            for key in self.store.keys().await? {
+                if let Some((doc, _)) = self.store.get(&key).await? {
+                    for r in tracked_refs(&doc) {
+                        index.entry(r).or_default().insert(key.clone());
+                    }
+                }
+            }
+            let mut guard = self.tracking.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_mut() {
+                // built concurrently meanwhile: merge, extras are harmless
+                Some(existing) => {
+                    for (k, v) in index {
+                        existing.entry(k).or_default().extend(v);
+                    }
+                }
+                None => *guard = Some(index),
+            }
+        }
+        let guard = self.tracking.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(guard
+            .as_ref()
+            .and_then(|i| i.get(reference))
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     fn announce(&self, stream_key: &str, events: Vec<Event>, specs_changed: bool) {
@@ -817,7 +887,16 @@ impl Engine {
         create_in: Option<StreamTagRef>,
     ) -> Result<Vec<(StreamTagRef, Option<Digest>)>, CoreError> {
         let mut targets: Vec<(StreamTagRef, TagSpec)> = Vec::new();
-        for s in self.store.list(None).await? {
+        let mut streams = Vec::new();
+        for key in self
+            .streams_tracking(&format!("{registry}/{repository}:{tag}"))
+            .await?
+        {
+            if let Some((doc, _)) = self.store.get(&key).await? {
+                streams.push(doc);
+            }
+        }
+        for s in streams {
             for (name, t) in &s.tags {
                 if let TagFrom::Image(r) = &t.spec.from
                     && let Ok(r) = ImageRef::parse(r)
