@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub instance: String,
     /// PEM certificate chain and key: serve HTTPS instead of HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Registry host patterns the engine may contact (None: any).
+    pub allowed_registries: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,7 +454,18 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             ));
         }
     };
+    if let Some(list) = &raw.server.allowed_registries
+        && let Some(bad) = list
+            .iter()
+            .find(|p| p.is_empty() || p.contains('/') || p.matches('*').count() > 1)
+    {
+        return Err(loc.err(
+            &[K("server"), K("allowed_registries")],
+            format!("\"{bad}\" is not a host pattern like registry.example.com, 127.0.0.1:* or *.example.com"),
+        ));
+    }
     let server = ServerConfig {
+        allowed_registries: raw.server.allowed_registries.clone(),
         tls,
         listen,
         allow_unauthenticated: raw.server.allow_unauthenticated.unwrap_or(false),
@@ -960,6 +973,16 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         streams,
         triggers,
         delivery,
+    })
+}
+
+/// Whether `host` matches a pattern: exact, or one `*` standing for any run of characters.
+pub fn host_allowed(patterns: &[String], host: &str) -> bool {
+    patterns.iter().any(|p| match p.split_once('*') {
+        None => p == host,
+        Some((pre, post)) => {
+            host.len() >= pre.len() + post.len() && host.starts_with(pre) && host.ends_with(post)
+        }
     })
 }
 

@@ -44,6 +44,7 @@ pub struct Server {
     pub instance: Option<String>,
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
+    pub allowed_registries: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

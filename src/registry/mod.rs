@@ -105,6 +105,8 @@ pub struct RegistryClient {
     http_insecure: reqwest::Client,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
     configs: Vec<RegistryConfig>,
+    /// `[server] allowed_registries`: hosts outside it are never contacted.
+    allowed: Option<Vec<String>>,
     /// Budget for hosts without a `[[registry]]` entry: (requests per second, concurrency).
     default_budget: Option<(f64, usize)>,
     tokens: auth::TokenCache,
@@ -125,7 +127,21 @@ pub fn install_crypto() {
 
 impl RegistryClient {
     pub fn new(config: &Config) -> RegistryClient {
-        Self::with_registries(config.registries.clone())
+        let mut c = Self::with_registries(config.registries.clone());
+        c.allowed = config.server.allowed_registries.clone();
+        c
+    }
+
+    fn check_allowed(&self, host: &str) -> Result<(), RegistryError> {
+        match &self.allowed {
+            Some(list) if !crate::config::host_allowed(list, host) => {
+                Err(RegistryError::Unsupported {
+                    what: host.to_string(),
+                    detail: "registry not in [server] allowed_registries".into(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn with_registries(configs: Vec<RegistryConfig>) -> RegistryClient {
@@ -146,6 +162,7 @@ impl RegistryClient {
             http_insecure: build(true),
             hosts: Mutex::new(HashMap::new()),
             configs,
+            allowed: None,
             default_budget: None,
             tokens: auth::TokenCache::default(),
         }
@@ -193,6 +210,7 @@ impl RegistryClient {
         r: &ImageRef,
         opts: Options<'_>,
     ) -> Result<Resolved, RegistryError> {
+        self.check_allowed(&r.registry)?;
         let host = self.host(&r.registry);
         let reference = r.manifest_reference();
         let what = format!("{}/{}:{}", r.registry, r.repository, reference);
@@ -267,6 +285,7 @@ impl RegistryClient {
         r: &ImageRef,
         insecure: bool,
     ) -> Result<Vec<String>, RegistryError> {
+        self.check_allowed(&r.registry)?;
         let host = self.host(&r.registry);
         let what = format!("{}/{} tags", r.registry, r.repository);
         let mut path = format!("/v2/{}/tags/list?n=1000", r.repository);
@@ -750,6 +769,20 @@ mod tests {
         assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(2)));
         h.insert(header::RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(parse_retry_after(&h), None);
+    }
+
+    #[test]
+    fn allowed_registry_patterns() {
+        let p = vec![
+            "127.0.0.1:*".to_string(),
+            "*.example.com".to_string(),
+            "quay.io".to_string(),
+        ];
+        assert!(crate::config::host_allowed(&p, "127.0.0.1:5000"));
+        assert!(crate::config::host_allowed(&p, "r.example.com"));
+        assert!(crate::config::host_allowed(&p, "quay.io"));
+        assert!(!crate::config::host_allowed(&p, "docker.io"));
+        assert!(!crate::config::host_allowed(&p, "example.com.evil.org"));
     }
 
     #[test]

@@ -236,3 +236,22 @@ async fn malformed_and_oversized_api_bodies_get_4xx() {
     assert_eq!(e.get("/healthz").await.status().as_u16(), 200);
     assert_eq!(e.cli(&["get", "is", "-o", "json"]).stdout, b"[]\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registries_outside_the_allow_list_are_never_contacted() {
+    let e = Engine::start_env(
+        "",
+        &[("ISTREAM_SERVER__ALLOWED_REGISTRIES", "[\"127.0.0.1:*\"]")],
+    );
+    // docker.io is not allowed: refused before any lookup or request
+    let o = e.cli(&["import-image", "py", "--from=python:3", "--confirm"]);
+    expect_code(&o, 1);
+    let t = e.istag("py").unwrap();
+    assert_eq!(t["conditions"][0]["reason"], "Unsupported");
+    assert!(
+        t["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_registries")
+    );
+}

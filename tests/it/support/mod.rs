@@ -474,6 +474,11 @@ impl Engine {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd.env("RUST_LOG", "info,istream=debug");
+        // Tests talk to loopback registries only; anything else is refused before a lookup.
+        cmd.env(
+            "ISTREAM_SERVER__ALLOWED_REGISTRIES",
+            "[\"127.0.0.1:*\", \"localhost:*\"]",
+        );
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
