@@ -224,12 +224,13 @@ impl AppState {
     }
 }
 
-async fn list_streams(
-    State(s): State<AppState>,
-    caller: Caller,
-    Path(ns): Path<String>,
-) -> ApiResult<Json<Vec<view::StreamView>>> {
-    let ns = ns_name(&ns)?;
+/// Every stream of a namespace as the API shows it (one store read for the namespace).
+async fn namespace_views(
+    s: &AppState,
+    caller: &Caller,
+    ns: &str,
+) -> ApiResult<Vec<view::StreamView>> {
+    let ns = ns_name(ns)?;
     caller.allow(&ns, Verb::Read)?;
     let streams = s
         .engine
@@ -237,12 +238,18 @@ async fn list_streams(
         .list(Some(&ns))
         .await
         .map_err(CoreError::from)?;
-    Ok(Json(
-        streams
-            .iter()
-            .map(|x| view::stream_view(x, s.sched()))
-            .collect(),
-    ))
+    Ok(streams
+        .iter()
+        .map(|x| view::stream_view(x, s.sched()))
+        .collect())
+}
+
+async fn list_streams(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(ns): Path<String>,
+) -> ApiResult<Json<Vec<view::StreamView>>> {
+    Ok(Json(namespace_views(&s, &caller, &ns).await?))
 }
 
 async fn get_stream(
@@ -272,20 +279,8 @@ async fn list_tags(
     caller: Caller,
     Path(ns): Path<String>,
 ) -> ApiResult<Json<Vec<TagView>>> {
-    let ns = ns_name(&ns)?;
-    caller.allow(&ns, Verb::Read)?;
-    let streams = s
-        .engine
-        .store
-        .list(Some(&ns))
-        .await
-        .map_err(CoreError::from)?;
-    Ok(Json(
-        streams
-            .iter()
-            .flat_map(|x| view::stream_view(x, s.sched()).tags)
-            .collect(),
-    ))
+    let views = namespace_views(&s, &caller, &ns).await?;
+    Ok(Json(views.into_iter().flat_map(|v| v.tags).collect()))
 }
 
 async fn get_tag(

@@ -197,6 +197,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let ns = cli.namespace.clone();
     crate::model::StreamName::new(&ns, "x").map_err(|e| usage(format!("-n {ns}: {}", e.why)))?;
     let out = cli.output.clone();
+    // Only the verbs that talk to the engine build a client (serve, completion and man do not).
+    let client = || {
+        Client::new(
+            &cli.server,
+            cli.token.as_deref(),
+            cli.certificate_authority.as_deref(),
+        )
+    };
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::ImportImage(a) => {
@@ -207,11 +215,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(p) = &a.platform {
                 crate::config::check_platform(p).map_err(|e| usage(format!("--platform: {e}")))?;
             }
-            let c = Client::new(
-                &cli.server,
-                cli.token.as_deref(),
-                cli.certificate_authority.as_deref(),
-            )?;
+            let c = client()?;
             let body = serde_json::json!({
                 "name": a.name, "from": a.from, "confirm": a.confirm, "all": a.all,
                 "scheduled": a.scheduled, "insecure": a.insecure, "platform": a.platform,
@@ -224,57 +228,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             output::operation(&op, out.as_deref(), &ns, "import")
         }
-        Command::Tag(a) => {
-            tag(
-                &Client::new(
-                    &cli.server,
-                    cli.token.as_deref(),
-                    cli.certificate_authority.as_deref(),
-                )?,
-                &ns,
-                out.as_deref(),
-                a,
-            )
-            .await
-        }
-        Command::Describe { what } => {
-            describe::run(
-                &Client::new(
-                    &cli.server,
-                    cli.token.as_deref(),
-                    cli.certificate_authority.as_deref(),
-                )?,
-                &ns,
-                &what,
-            )
-            .await
-        }
+        Command::Tag(a) => tag(&client()?, &ns, out.as_deref(), a).await,
+        Command::Describe { what } => describe::run(&client()?, &ns, &what).await,
         Command::Get { kind, name } => {
-            output::get(
-                &Client::new(
-                    &cli.server,
-                    cli.token.as_deref(),
-                    cli.certificate_authority.as_deref(),
-                )?,
-                &ns,
-                &kind,
-                name.as_deref(),
-                out.as_deref(),
-            )
-            .await
+            output::get(&client()?, &ns, &kind, name.as_deref(), out.as_deref()).await
         }
         Command::Watch { name } => {
-            output::watch(
-                &Client::new(
-                    &cli.server,
-                    cli.token.as_deref(),
-                    cli.certificate_authority.as_deref(),
-                )?,
-                &ns,
-                name.as_deref(),
-                out.as_deref(),
-            )
-            .await
+            output::watch(&client()?, &ns, name.as_deref(), out.as_deref()).await
         }
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -287,18 +247,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .render(&mut std::io::stdout())
                 .map_err(|e| CliError::Failed(format!("cannot write the man page: {e}")))
         }
-        Command::Triggers { args } => {
-            output::triggers(
-                &Client::new(
-                    &cli.server,
-                    cli.token.as_deref(),
-                    cli.certificate_authority.as_deref(),
-                )?,
-                &args,
-                out.as_deref(),
-            )
-            .await
-        }
+        Command::Triggers { args } => output::triggers(&client()?, &args, out.as_deref()).await,
     }
 }
 

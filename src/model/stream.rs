@@ -321,21 +321,10 @@ mod tests {
         }
     }
 
-    fn spec(from: TagFrom) -> TagSpec {
-        TagSpec {
-            from,
-            alias: false,
-            scheduled: false,
-            schedule: None,
-            insecure: false,
-            platform: None,
-        }
-    }
-
     #[test]
     fn history_rules() {
         let mut s = ImageStream::new("default", "python", Utc::now());
-        let t = s.set_spec("3.6", spec(TagFrom::Image("a/b:1".into())));
+        let t = s.set_spec("3.6", TagSpec::new(TagFrom::Image("a/b:1".into())));
         assert!(t.record(entry('a', "r/a@1")));
         assert!(t.fail("NotFound", "gone", Utc::now(), 1));
         assert!(
@@ -358,9 +347,9 @@ mod tests {
     #[test]
     fn generations() {
         let mut s = ImageStream::new("default", "python", Utc::now());
-        s.set_spec("a", spec(TagFrom::Image("x".into())));
-        s.set_spec("b", spec(TagFrom::Image("y".into())));
-        s.set_spec("a", spec(TagFrom::Image("x".into())));
+        s.set_spec("a", TagSpec::new(TagFrom::Image("x".into())));
+        s.set_spec("b", TagSpec::new(TagFrom::Image("y".into())));
+        s.set_spec("a", TagSpec::new(TagFrom::Image("x".into())));
         assert_eq!(s.generation, 2);
         assert_eq!(s.tags["a"].spec_generation, 1);
         assert_eq!(s.tags["b"].spec_generation, 2);
@@ -369,11 +358,11 @@ mod tests {
     #[test]
     fn alias_chain() {
         let mut s = ImageStream::new("default", "p", Utc::now());
-        s.set_spec("src", spec(TagFrom::Image("x".into())));
-        let mut a = spec(TagFrom::Tag("src".into()));
+        s.set_spec("src", TagSpec::new(TagFrom::Image("x".into())));
+        let mut a = TagSpec::new(TagFrom::Tag("src".into()));
         a.alias = true;
         s.set_spec("latest", a);
-        let mut b = spec(TagFrom::Tag("latest".into()));
+        let mut b = TagSpec::new(TagFrom::Tag("latest".into()));
         b.alias = true;
         s.set_spec("stable", b);
         assert_eq!(s.aliases_of("src"), vec!["latest", "stable"]);

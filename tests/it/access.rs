@@ -36,15 +36,7 @@ async fn basic_auth_registry_needs_configured_credentials() {
         ),
         &[("T_REG_PW", "s3cret")],
     );
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app",
-            &format!("--from={}/priv/app", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app", &format!("{}/priv/app", reg.host));
     assert_eq!(e.istag("app").unwrap()["digest"], d.as_str());
     let o = e.cli(&["describe", "is/app"]);
     assert!(!stdout(&o).contains("s3cret") && !e.log.text().contains("s3cret"));
@@ -86,15 +78,7 @@ async fn bearer_token_flow_caches_tokens_per_scope() {
         });
     tokio::spawn(async move { axum::serve(l, app).await });
     let e = Engine::start("");
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app",
-            &format!("--from={host}/lib/app"),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app", &format!("{host}/lib/app"));
     expect_code(&e.cli(&["import-image", "app"]), 0);
     assert_eq!(e.istag("app").unwrap()["digest"], digest.as_str());
     let calls = token_calls.lock().unwrap().clone();
@@ -277,15 +261,7 @@ async fn metrics_count_changes() {
     let reg = Registry::start();
     Pusher::new(&reg.host).image("a/app", "latest", "1").await;
     let e = Engine::start("");
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app",
-            &format!("--from={}/a/app", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app", &format!("{}/a/app", reg.host));
     let r = e.get("/metrics").await;
     assert!(
         r.headers()["content-type"]

@@ -43,15 +43,7 @@ async fn unknown_things_and_cycles_fail_with_exit_1() {
     expect_code(&o, 1);
     assert!(stderr(&o).contains("nope"));
     expect_code(&e.cli(&["tag", "nope:1", "p:2"]), 1);
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "p:1",
-            &format!("--from={}/a/b", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("p:1", &format!("{}/a/b", reg.host));
     expect_code(&e.cli(&["tag", "--alias", "p:1", "p:latest"]), 0);
     let o = e.cli(&["tag", "--alias", "p:latest", "p:1"]);
     expect_code(&o, 1);
@@ -80,10 +72,7 @@ async fn failed_imports_keep_the_image_and_set_the_condition() {
     let d1 = push.image("a/b", "latest", "one").await;
     let e = Engine::start("");
     let h = reg.host.clone();
-    expect_code(
-        &e.cli(&["import-image", "b", &format!("--from={h}/a/b"), "--confirm"]),
-        0,
-    );
+    e.import_new("b", &format!("{h}/a/b"));
 
     // 404: tag now points at a missing repository
     let o = e.cli(&["import-image", "b", &format!("--from={h}/a/missing")]);

@@ -51,15 +51,7 @@ async fn subscribers_get_the_exact_cloudevent_and_can_replay() {
     let client = async_nats::connect(&nats.url).await.unwrap();
     let mut sub = client.subscribe("istream.default.py.>").await.unwrap();
     client.flush().await.unwrap();
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "py:3.6",
-            &format!("--from={}/a/py:3.6", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("py:3.6", &format!("{}/a/py:3.6", reg.host));
     let msg = tokio::time::timeout(DEADLINE, sub.next())
         .await
         .expect("event arrives")
@@ -118,15 +110,7 @@ async fn nats_outage_loses_nothing_and_duplicates_nothing() {
     push.image("a/app", "latest", "0").await;
     let mut nats = Nats::start();
     let e = Engine::start(&nats_config(&nats.url));
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app",
-            &format!("--from={}/a/app", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app", &format!("{}/a/app", reg.host));
     wait_for("first event in the stream", || async {
         (stream_events(&nats.url).await.len() == 1).then_some(())
     })

@@ -107,15 +107,7 @@ async fn json_logs_parse_line_by_line() {
     let reg = Registry::start();
     Pusher::new(&reg.host).image("a/app", "latest", "1").await;
     let e = Engine::start_env("", &[("ISTREAM_LOG_FORMAT", "json")]);
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app",
-            &format!("--from={}/a/app", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app", &format!("{}/a/app", reg.host));
     wait_for("the change logged", || async { e.log.find("tag changed") }).await;
     let text = e.log.text();
     for line in text.lines() {

@@ -55,15 +55,7 @@ jenkins = {{ job_url = \"{u}/job/app\", user = \"bot\", token_env = \"T_JK\" }}
         ),
         &[("T_HOOK_SECRET", "s3cr3t-hook"), ("T_GH", "gh-token-123"), ("T_GL", "gl-token-456"), ("T_JK", "jk-token-789")],
     );
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app",
-            &format!("--from={}/team/app", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app", &format!("{}/team/app", reg.host));
     let reqs = rx.wait_requests(5).await;
     let t = e.istag("app:latest").unwrap();
     let event_id = t["history"][0]["id"].as_str().unwrap().to_string();
@@ -199,15 +191,7 @@ webhook = {{ url = \"{}/missing\" }}
 ",
         rx.url, rx2.url
     ));
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app",
-            &format!("--from={}/a/app", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app", &format!("{}/a/app", reg.host));
     let reqs = rx.wait_requests(3).await;
     let keys: Vec<_> = reqs.iter().map(|r| r.header("idempotency-key")).collect();
     assert!(
@@ -271,15 +255,7 @@ async fn retry_after_is_honoured() {
         "{FAST}\n[[trigger]]\nname = \"t\"\non = [\"app:latest\"]\nwebhook = {{ url = \"{}/x\" }}\n",
         rx.url
     ));
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app",
-            &format!("--from={}/a/app", reg.host),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app", &format!("{}/a/app", reg.host));
     rx.wait_requests(1).await;
     let first = Instant::now();
     rx.wait_requests(2).await;
@@ -384,15 +360,7 @@ async fn crash_mid_delivery_loses_nothing() {
     }
     let mut e = Engine::start(&cfg);
     for i in 0..n {
-        expect_code(
-            &e.cli(&[
-                "import-image",
-                &format!("s{i}"),
-                &format!("--from={}/a/s{i}", reg.host),
-                "--confirm",
-            ]),
-            0,
-        );
+        e.import_new(&format!("s{i}"), &format!("{}/a/s{i}", reg.host));
     }
     rx.wait_requests(2).await;
     e.restart_after_crash();

@@ -194,15 +194,7 @@ async fn platform_and_index_digests() {
     let e = Engine::start("");
     let h = &reg.host;
     // default: the index digest as published, with its platforms listed
-    expect_code(
-        &e.cli(&[
-            "import-image",
-            "app:1",
-            &format!("--from={h}/multi/app:1"),
-            "--confirm",
-        ]),
-        0,
-    );
+    e.import_new("app:1", &format!("{h}/multi/app:1"));
     let t = e.istag("app:1").unwrap();
     assert_eq!(t["digest"], idx.as_str());
     assert_eq!(

@@ -134,26 +134,7 @@ impl Registry {
         }
         let path = dir.path().join("config.yml");
         std::fs::write(&path, cfg).unwrap();
-        let mut child = Command::new(registry_bin())
-            .arg("serve")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect(
-                "docker-registry runs (apt-get install docker-registry; scripts/test.sh does it)",
-            );
-        let log = Log::default();
-        log.follow(child.stderr.take().unwrap());
-        let line = log.wait_line("listening on ", &mut child);
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .unwrap()
-            .split(['"', ' '])
-            .next()
-            .unwrap()
-            .to_string();
+        let (child, log, addr) = spawn_registry(&path);
         Registry {
             child,
             dir,
@@ -176,16 +157,7 @@ impl Registry {
             .unwrap()
             .replace("addr: 127.0.0.1:0", &format!("addr: {}", self.host));
         std::fs::write(&path, cfg).unwrap();
-        let mut child = Command::new(registry_bin())
-            .arg("serve")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Log::default();
-        log.follow(child.stderr.take().unwrap());
-        log.wait_line("listening on ", &mut child);
+        let (child, log, _) = spawn_registry(&path);
         self.child = child;
         self.log = log;
     }
@@ -212,6 +184,29 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `docker-registry serve CONFIG` and waits for the address it listens on.
+fn spawn_registry(config: &Path) -> (Child, Log, String) {
+    let mut child = Command::new(registry_bin())
+        .arg("serve")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("docker-registry runs (apt-get install docker-registry; scripts/test.sh does it)");
+    let log = Log::default();
+    log.follow(child.stderr.take().unwrap());
+    let line = log.wait_line("listening on ", &mut child);
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split(['"', ' '])
+        .next()
+        .unwrap()
+        .to_string();
+    (child, log, addr)
 }
 
 fn registry_bin() -> PathBuf {
@@ -552,6 +547,15 @@ impl Engine {
             .env_remove("ISTREAM_TOKEN")
             .output()
             .unwrap()
+    }
+
+    /// `import-image NAME --from=FROM --confirm`, which must succeed.
+    #[track_caller]
+    pub fn import_new(&self, name: &str, from: &str) {
+        expect_code(
+            &self.cli(&["import-image", name, &format!("--from={from}"), "--confirm"]),
+            0,
+        );
     }
 
     /// `get istag NAME -o json`, parsed; None when it fails.
