@@ -12,7 +12,8 @@
 //! - [`config`]: `triggers.toml` parsed, validated, with file/line/key in every error.
 //! - [`registry`]: the OCI distribution client (HEAD digests, auth, per-host budgets).
 //! - [`core`]: the one write path (import, tag, alias, rollback, delete, push).
-//! - [`store`]: durable state; SQLite embedded default.
+//! - [`store`]: durable state; SQLite embedded default, JetStream for replicas.
+//! - [`cluster`]: membership and ownership when replicas share the JetStream store.
 //! - [`scheduler`]: due-time queue of scheduled tags.
 //! - [`bus`]: the outbox publisher (in-process or NATS/JetStream).
 //! - [`trigger`]: firing rule, delivery queue, sinks (webhook, GitHub, GitLab, Jenkins).
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod bus;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod hooks;

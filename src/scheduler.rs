@@ -227,6 +227,13 @@ impl Scheduler {
                 let Some(e) = self.entries.get_mut(&key) else {
                     continue;
                 };
+                if !self.engine.owns(&key) {
+                    // Another replica polls it; look again a period later, in case the
+                    // ownership moves here.
+                    let delay = until(e.schedule.next_after(Utc::now()));
+                    self.enqueue(&key, delay, None);
+                    continue;
+                }
                 e.checking = true;
                 let engine = self.engine.clone();
                 let (tag, spec, known, has_error) =

@@ -10,28 +10,44 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::AppState;
 use crate::bus::{Bus, NatsBus};
+use crate::cluster::Cluster;
 use crate::config::{Config, StoreKind};
 use crate::core::Engine;
 use crate::registry::RegistryClient;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
+use crate::store::nats::NatsStore;
 use crate::trigger::Triggers;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    if config.store.kind == StoreKind::Nats {
-        anyhow::bail!(
-            "{}: key `store.kind`: \"nats\" (the scale-out store) is not available in this version; use \"sqlite\"",
-            config.path.display()
-        );
-    }
-    let store = Store::open_sqlite(&config.store.path)?;
-    let registry = Arc::new(RegistryClient::new(&config));
-    let (engine, rx) = Engine::new(store.clone(), registry, &config);
     let bus = match &config.nats {
         Some(n) => Bus::Nats(Box::new(NatsBus::connect(n).await?)),
         None => Bus::InProcess,
     };
+    let (store, shared) = match (&config.store.kind, &bus) {
+        (StoreKind::Sqlite, _) => (Store::open_sqlite(&config.store.path)?, None),
+        (StoreKind::Nats, Bus::Nats(nats)) => {
+            let cfg = config.nats.as_ref().expect("bus from [nats]");
+            if !cfg.jetstream {
+                anyhow::bail!(
+                    "{}: key `nats.jetstream`: false cannot hold state; store.kind = \"nats\" needs JetStream",
+                    config.path.display()
+                );
+            }
+            let (store, cluster) = open_shared(nats.client(), cfg, &config).await?;
+            (Store::Nats(store.clone()), Some((store, cluster)))
+        }
+        (StoreKind::Nats, Bus::InProcess) => anyhow::bail!(
+            "{}: key `store.kind`: \"nats\" needs a [nats] section with the JetStream server to keep state in",
+            config.path.display()
+        ),
+    };
+    let registry = Arc::new(RegistryClient::new(&config));
+    let (engine, rx) = Engine::new(store.clone(), registry, &config);
+    if let Some((_, cluster)) = &shared {
+        let _ = engine.cluster.set(cluster.clone());
+    }
     let tls = match &config.server.tls {
         Some((cert, key)) => Some(
             crate::api::tls_acceptor(cert, key)
@@ -66,8 +82,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if config.api_tokens.is_empty() {
         tracing::info!("no [[api.token]] declared: the API serves loopback clients only");
     }
-    tracing::info!(address = %addr, store = %config.store.path.display(), "istream listening on {scheme}://{addr}");
+    match &shared {
+        Some((_, cluster)) => {
+            tracing::info!(address = %addr, store = "nats", replica = cluster.id(), replicas = cluster.members().len(), "istream listening on {scheme}://{addr}")
+        }
+        None => {
+            tracing::info!(address = %addr, store = %config.store.path.display(), "istream listening on {scheme}://{addr}")
+        }
+    }
 
+    // Before anything reads the store: what the watcher must still announce starts here.
+    let start_rev = match &shared {
+        Some((store, _)) => store.last_revision().await?,
+        None => 0,
+    };
     let to_import = engine.apply_declared(&config.streams).await?;
     {
         let engine = engine.clone();
@@ -86,6 +114,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     tracker.spawn(triggers.clone().run_deliverer(cancel.clone()));
     tracker.spawn(scheduler.run(cancel.clone()));
+    if let Some((store, cluster)) = shared {
+        tracker.spawn(crate::cluster::run_watcher(
+            engine.clone(),
+            store,
+            cluster.clone(),
+            start_rev,
+            cancel.clone(),
+        ));
+        tracker.spawn(cluster.run(cancel.clone()));
+    }
     tracker.close();
     ready.store(true, Ordering::Relaxed);
 
@@ -101,6 +139,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Opens the JetStream store and joins the replicas, waiting up to 30 s for NATS: replicas
+/// often start together with their NATS cluster.
+async fn open_shared(
+    client: async_nats::Client,
+    cfg: &crate::config::NatsConfig,
+    config: &Config,
+) -> anyhow::Result<(Arc<NatsStore>, Arc<Cluster>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let opened = async {
+            let store = NatsStore::open(
+                client.clone(),
+                cfg,
+                crate::store::nats::ack_wait(
+                    config
+                        .triggers
+                        .iter()
+                        .map(|t| t.timeout)
+                        .fold(config.delivery.timeout, Duration::max),
+                ),
+            )
+            .await?;
+            let cluster = Cluster::join(client.clone(), cfg).await?;
+            Ok::<_, crate::store::StoreError>((Arc::new(store), cluster))
+        }
+        .await;
+        match opened {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "cannot open the JetStream store yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => anyhow::bail!("{}: [store] kind = \"nats\": {e}", config.path.display()),
+        }
+    }
 }
 
 async fn shutdown_signal() {

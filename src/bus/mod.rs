@@ -38,6 +38,26 @@ pub struct NatsBus {
     js: Option<async_nats::jetstream::Context>,
 }
 
+/// The servers of `[nats] url`: one URL, or several separated by commas (the nodes of a
+/// cluster; the client fails over between them).
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("\"{u}\" is not a NATS server URL: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err("no NATS server URL given".into())
+            } else {
+                Ok(v)
+            }
+        })
+}
+
 /// `major.minor` at least 2.10.
 pub fn version_ok(v: &str) -> bool {
     let mut parts = v
@@ -61,7 +81,7 @@ impl NatsBus {
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connect(cfg.url.as_str())
+            .connect(server_addrs(&cfg.url).map_err(&setup)?)
             .await
             .map_err(|e| setup(e.to_string()))?;
         // Wait briefly for the first connection, to check the version when we can.
@@ -97,6 +117,10 @@ impl NatsBus {
             client,
             js,
         })
+    }
+
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
     }
 
     async fn publish(&self, e: &Event, stream_ready: &mut bool) -> Result<(), BusError> {

@@ -75,6 +75,20 @@ pub struct NatsConfig {
     pub replicas: usize,
 }
 
+impl NatsConfig {
+    /// The defaults of a `[nats]` section with only `url` set.
+    pub fn with_url(url: &str) -> NatsConfig {
+        NatsConfig {
+            url: url.to_string(),
+            subject_prefix: "istream".into(),
+            jetstream: true,
+            stream: "ISTREAM".into(),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ScheduleConfig {
     pub interval: Schedule,
@@ -501,6 +515,9 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         None => None,
         Some(n) => {
             let url = n.url.unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+            if let Err(e) = crate::bus::server_addrs(&url) {
+                return Err(loc.err(&[K("nats"), K("url")], e));
+            }
             let prefix = n.subject_prefix.unwrap_or_else(|| "istream".into());
             if prefix.is_empty()
                 || prefix

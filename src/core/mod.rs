@@ -116,6 +116,8 @@ pub struct Engine {
     /// finds its tags without reading every stream. Built on first use, kept by `mutate`; it
     /// may hold stale extras (every hit is checked against the document), never misses.
     tracking: std::sync::Mutex<Option<std::collections::HashMap<String, BTreeSet<String>>>>,
+    /// Set when replicas share a JetStream store: decides which tags this replica polls.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// The external references a stream's tags track by tag (digest references never move).
@@ -133,6 +135,52 @@ fn tracked_refs(s: &ImageStream) -> Vec<String> {
                 .map(|t| format!("{}/{}:{t}", r.registry, r.repository))
         })
         .collect()
+}
+
+/// Records a registry answer on a tag, unless the tag was deleted or re-specced meanwhile
+/// (then the answer is stale and dropped).
+fn apply_result(
+    s: &mut ImageStream,
+    tag: &str,
+    spec: &TagSpec,
+    result: &Result<(ImageRef, Resolved), RegistryError>,
+    cause: Cause,
+) {
+    let generation = s.generation;
+    let Some(t) = s.tags.get_mut(tag) else {
+        return;
+    };
+    if &t.spec != spec {
+        return;
+    }
+    match result {
+        Ok((r, res)) => {
+            let image = r.pull_spec(&res.digest);
+            if res.unchanged {
+                t.succeed();
+            } else {
+                let changed = t.record(HistoryEntry {
+                    digest: res.digest.clone(),
+                    image,
+                    created: now(),
+                    generation: t.spec_generation,
+                    cause,
+                    id: new_id(),
+                    media_type: res.media_type.clone(),
+                    platforms: res.platforms.clone(),
+                });
+                if !changed {
+                    t.succeed();
+                }
+                if cause == Cause::Push {
+                    t.last_push = Some(now());
+                }
+            }
+        }
+        Err(e) => {
+            t.fail(e.reason(), &e.to_string(), now(), generation);
+        }
+    }
 }
 
 /// The receiving ends of the engine's notifications, handed to the components that run.
@@ -165,6 +213,7 @@ impl Engine {
                 changed_tags: ct_tx,
                 spec_changes: sc_tx,
                 tracking: std::sync::Mutex::new(None),
+                cluster: std::sync::OnceLock::new(),
             }),
             EngineReceivers {
                 changed_tags: ct_rx,
@@ -230,8 +279,13 @@ impl Engine {
         )))
     }
 
+    /// Whether this replica does the periodic work for `key` (always, without a cluster).
+    pub fn owns(&self, key: &str) -> bool {
+        self.cluster.get().is_none_or(|c| c.owns(key))
+    }
+
     /// Adds a stream's tracked references to the push index (when the index is built).
-    fn index_stream(&self, doc: Option<&ImageStream>) {
+    pub fn index_stream(&self, doc: Option<&ImageStream>) {
         let mut guard = self.tracking.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(index), Some(doc)) = (guard.as_mut(), doc) {
             for r in tracked_refs(doc) {
@@ -406,41 +460,7 @@ impl Engine {
         let err = result.as_ref().err().cloned();
         let stream = self
             .mutate(&tag.stream, create, |s| {
-                let generation = s.generation;
-                let Some(t) = s.tags.get_mut(&tag.tag) else {
-                    return Ok(()); // deleted meanwhile: nothing to record
-                };
-                if &t.spec != spec {
-                    return Ok(()); // re-specced meanwhile: this result is stale
-                }
-                match &result {
-                    Ok((r, res)) => {
-                        let image = r.pull_spec(&res.digest);
-                        if res.unchanged {
-                            t.succeed();
-                        } else {
-                            let changed = t.record(HistoryEntry {
-                                digest: res.digest.clone(),
-                                image,
-                                created: now(),
-                                generation: t.spec_generation,
-                                cause,
-                                id: new_id(),
-                                media_type: res.media_type.clone(),
-                                platforms: res.platforms.clone(),
-                            });
-                            if !changed {
-                                t.succeed();
-                            }
-                            if cause == Cause::Push {
-                                t.last_push = Some(now());
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        t.fail(e.reason(), &e.to_string(), now(), generation);
-                    }
-                }
+                apply_result(s, &tag.tag, spec, &result, cause);
                 Ok(())
             })
             .await?;
@@ -515,14 +535,16 @@ impl Engine {
         spec: TagSpec,
         cause: Cause,
     ) -> Result<Outcome, CoreError> {
-        let s2 = spec.clone();
+        // Resolve first, then set the spec and record the image in one change: concurrent
+        // `tag` commands for one tag are then each recorded, in the order they commit.
+        let result = self.resolve(&spec, None).await;
+        let err = result.as_ref().err().cloned();
         self.mutate(&tag.stream, true, |s| {
-            s.set_spec(&tag.tag, s2.clone());
+            s.set_spec(&tag.tag, spec.clone());
+            apply_result(s, &tag.tag, &spec, &result, cause);
             Ok(())
         })
         .await?;
-        let result = self.resolve(&spec, None).await;
-        let (_, err) = self.record_import(tag, &spec, result, cause, true).await?;
         Ok(Outcome {
             tag: tag.clone(),
             error: err,

@@ -1,13 +1,15 @@
 //! Durable state behind one interface: image stream documents (compare-and-set on a revision),
 //! the event outbox written in the same transaction as each change, and trigger bookkeeping
-//! (last image fired for, delivery queue). `sqlite` is the embedded default; the enum leaves
-//! room for a JetStream-backed store with the same behaviour.
+//! (last image fired for, delivery queue). `sqlite` is the embedded default; `nats` keeps the
+//! same things in JetStream so that several replicas share them.
 
+pub mod nats;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -34,7 +36,7 @@ pub struct Commit {
     pub events: Vec<Event>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryState {
     Pending,
@@ -128,10 +130,12 @@ pub struct TriggerSummary {
 #[derive(Clone)]
 pub enum Store {
     Sqlite(Arc<sqlite::SqliteStore>),
+    Nats(Arc<nats::NatsStore>),
 }
 
+/// SQLite calls block, so they run on the blocking pool; JetStream calls are awaited.
 macro_rules! blocking {
-    ($self:ident, $s:ident => $body:expr) => {{
+    ($self:ident, $s:ident => $body:expr, $n:ident => $nbody:expr) => {{
         match $self {
             Store::Sqlite(inner) => {
                 let $s = inner.clone();
@@ -139,6 +143,7 @@ macro_rules! blocking {
                     .await
                     .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
             }
+            Store::Nats($n) => $nbody.await,
         }
     }};
 }
@@ -148,40 +153,51 @@ impl Store {
         Ok(Store::Sqlite(Arc::new(sqlite::SqliteStore::open(path)?)))
     }
 
+    /// Opens the JetStream store on its own connection (tests and benchmarks; `serve` shares
+    /// the bus's connection).
+    pub async fn connect_nats(cfg: &crate::config::NatsConfig) -> Result<Store, StoreError> {
+        let addrs = crate::bus::server_addrs(&cfg.url).map_err(StoreError::Backend)?;
+        let client = async_nats::connect(addrs)
+            .await
+            .map_err(|e| StoreError::Backend(format!("NATS at {}: {e}", cfg.url)))?;
+        let store = nats::NatsStore::open(client, cfg, Duration::from_secs(30)).await?;
+        Ok(Store::Nats(Arc::new(store)))
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<(ImageStream, i64)>, StoreError> {
         let key = key.to_string();
-        blocking!(self, s => s.get(&key))
+        blocking!(self, s => s.get(&key), n => n.get(&key))
     }
 
     pub async fn list(&self, namespace: Option<&str>) -> Result<Vec<ImageStream>, StoreError> {
         let ns = namespace.map(str::to_string);
-        blocking!(self, s => s.list(ns.as_deref()))
+        blocking!(self, s => s.list(ns.as_deref()), n => n.list(ns.as_deref()))
     }
 
     /// Every stream key, to walk all streams without holding them all in memory.
     pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
-        blocking!(self, s => s.keys())
+        blocking!(self, s => s.keys(), n => n.keys())
     }
 
     pub async fn commit(&self, commit: Commit) -> Result<i64, StoreError> {
-        blocking!(self, s => s.commit(&commit))
+        blocking!(self, s => s.commit(&commit), n => n.commit(&commit))
     }
 
     pub async fn pending_events(&self, limit: usize) -> Result<Vec<(i64, Event)>, StoreError> {
-        blocking!(self, s => s.pending_events(limit))
+        blocking!(self, s => s.pending_events(limit), n => n.pending_events(limit))
     }
 
     pub async fn outbox_depth(&self) -> Result<i64, StoreError> {
-        blocking!(self, s => s.outbox_depth())
+        blocking!(self, s => s.outbox_depth(), n => n.outbox_depth())
     }
 
     pub async fn mark_published(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
-        blocking!(self, s => s.mark_published(&seqs))
+        blocking!(self, s => s.mark_published(&seqs), n => n.mark_published(&seqs))
     }
 
     pub async fn last_fired(&self, trigger: &str, tag: &str) -> Result<Option<String>, StoreError> {
         let (t, g) = (trigger.to_string(), tag.to_string());
-        blocking!(self, s => s.last_fired(&t, &g))
+        blocking!(self, s => s.last_fired(&t, &g), n => n.last_fired(&t, &g))
     }
 
     pub async fn fire_due(
@@ -189,7 +205,7 @@ impl Store {
         reqs: Vec<FireRequest>,
         now_ms: i64,
     ) -> Result<Vec<FireOutcome>, StoreError> {
-        blocking!(self, s => s.fire_due(&reqs, now_ms))
+        blocking!(self, s => s.fire_due(&reqs, now_ms), n => n.fire_due(&reqs, now_ms))
     }
 
     pub async fn complete_and_claim(
@@ -198,19 +214,15 @@ impl Store {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
-        blocking!(self, s => s.complete_and_claim(&done, now_ms, limit))
+        blocking!(self, s => s.complete_and_claim(&done, now_ms, limit), n => n.complete_and_claim(&done, now_ms, limit))
     }
 
     pub async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
-        blocking!(self, s => s.claim_due(now_ms, limit))
+        blocking!(self, s => s.claim_due(now_ms, limit), n => n.claim_due(now_ms, limit))
     }
 
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        blocking!(self, s => s.next_due())
-    }
-
-    pub async fn update_delivery(&self, done: Completion, now_ms: i64) -> Result<(), StoreError> {
-        blocking!(self, s => s.update_delivery(&done, now_ms))
+        blocking!(self, s => s.next_due(), n => n.next_due())
     }
 
     pub async fn deliveries(
@@ -219,19 +231,29 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
         let t = trigger.to_string();
-        blocking!(self, s => s.deliveries(&t, limit))
+        blocking!(self, s => s.deliveries(&t, limit), n => n.deliveries(&t, limit))
     }
 
     pub async fn summary(&self, trigger: &str) -> Result<TriggerSummary, StoreError> {
         let t = trigger.to_string();
-        blocking!(self, s => s.summary(&t))
+        blocking!(self, s => s.summary(&t), n => n.summary(&t))
     }
 
     pub async fn retry_dead(&self, trigger: &str, now_ms: i64) -> Result<usize, StoreError> {
         let t = trigger.to_string();
-        blocking!(self, s => s.retry_dead(&t, now_ms))
+        blocking!(self, s => s.retry_dead(&t, now_ms), n => n.retry_dead(&t, now_ms))
     }
 }
 
+#[doc(hidden)]
+pub mod conformance;
+
 #[cfg(test)]
-mod tests;
+mod tests {
+    #[tokio::test]
+    async fn sqlite_behaviour() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::Store::open_sqlite(&dir.path().join("x.db")).unwrap();
+        super::conformance::behaviour(store).await;
+    }
+}

@@ -378,10 +378,6 @@ impl SqliteStore {
             .map_err(db_err)
     }
 
-    pub fn update_delivery(&self, d: &Completion, now_ms: i64) -> Result<(), StoreError> {
-        update_delivery_in(&self.conn(), d, now_ms)
-    }
-
     pub fn deliveries(&self, trigger: &str, limit: usize) -> Result<Vec<Delivery>, StoreError> {
         let c = self.conn();
         let mut stmt = c

@@ -61,6 +61,9 @@ pub struct DeliveryView {
     pub event_id: String,
 }
 
+/// How often, with replicas, each replica re-plans the watched tags it owns.
+const SWEEP: Duration = Duration::from_secs(10);
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -214,9 +217,18 @@ impl Triggers {
         all.sort();
         all.dedup();
         self.plan_many(&all).await;
+        // Replicas: a replica that died between a change and its planning leaves work that
+        // only a sweep finds, so the owner of each watched tag plans it again now and then.
+        let mut sweep = tokio::time::interval(SWEEP);
+        sweep.tick().await;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
+                _ = sweep.tick(), if self.engine.cluster.get().is_some() => {
+                    let owned: Vec<String> =
+                        all.iter().filter(|t| self.engine.owns(t)).cloned().collect();
+                    self.plan_many(&owned).await;
+                }
                 msg = changed.recv() => {
                     let Some(first) = msg else { return };
                     // Coalesce a burst: plan each tag once, newest state wins.

@@ -5,6 +5,7 @@ mod support;
 
 mod access;
 mod bad_input;
+mod cluster;
 mod events;
 mod hooks;
 mod ops;

@@ -707,3 +707,103 @@ impl Drop for Nats {
         self.stop();
     }
 }
+
+/// Three nats-server processes routed into one JetStream cluster (`istream-test`).
+pub struct NatsCluster {
+    nodes: Vec<(Option<Child>, Vec<String>)>,
+    _dir: tempfile::TempDir,
+    pub client_ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    pub fn start() -> NatsCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let args = vec![
+                "-js".to_string(),
+                "-n".into(),
+                format!("n{i}"),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                client_ports[i].to_string(),
+                "-sd".into(),
+                dir.path().join(format!("n{i}")).display().to_string(),
+                "--cluster_name".into(),
+                "istream-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{}", route_ports[i]),
+                "--routes".into(),
+                routes.clone(),
+            ];
+            nodes.push((None, args));
+        }
+        let mut c = NatsCluster {
+            nodes,
+            _dir: dir,
+            client_ports,
+        };
+        for i in 0..3 {
+            c.start_node(i);
+        }
+        c
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let child = Command::new(nats_bin())
+            .args(&self.nodes[i].1)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server runs (scripts/test.sh installs it)");
+        self.nodes[i].0 = Some(child);
+    }
+
+    /// Client URLs of every node, comma-separated, as `[nats] url` takes them.
+    pub fn urls(&self) -> String {
+        self.client_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until JetStream has a meta leader (`/healthz?js-enabled-only` is not enough for
+    /// replicated streams, so ask the API through a real client).
+    pub async fn wait_ready(&self) {
+        let urls = self.urls();
+        wait_for("a JetStream meta leader in the NATS cluster", || {
+            let urls = urls.clone();
+            async move {
+                let addrs = istream::bus::server_addrs(&urls).ok()?;
+                let client = async_nats::connect(addrs).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                js.query_account().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.stop_node(i);
+        }
+    }
+}

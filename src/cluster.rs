@@ -1,0 +1,359 @@
+//! Replicas sharing one JetStream store (`store.kind = "nats"`) act as one engine.
+//!
+//! Membership: each replica heartbeats a random id into the key-value bucket `<S>_MEMBERS`,
+//! whose entries expire after [`MEMBER_TTL`]; every replica lists the live ids each
+//! [`HEARTBEAT`]. Ownership: a tag (or stream) belongs to the member with the highest
+//! `sha256(member, key)` (rendezvous hashing), so all replicas agree on the owner from the
+//! member list alone, and when a member joins or leaves only its share moves. The owner runs
+//! the tag's scheduled checks, plans triggers for changes other replicas made, and publishes
+//! outbox events a dead replica left behind. Correctness never rests on ownership — writes are
+//! compare-and-set, deliveries go through a work queue, events carry de-duplicating ids — so
+//! two replicas briefly disagreeing about the member list costs a duplicate check, not a lost
+//! or doubled change. See ARCHITECTURE.md for the failure cases.
+//!
+//! The watcher follows the streams bucket so that each replica learns of changes made by the
+//! others: the scheduler reloads streams whose specs changed, the push index learns new
+//! tracked references, `watch` clients see every replica's events, and the owner plans
+//! triggers.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use futures_util::{StreamExt, TryStreamExt};
+use sha2::Digest as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NatsConfig;
+use crate::core::{Engine, SpecChange};
+use crate::store::StoreError;
+use crate::store::nats::{NatsStore, Record};
+
+/// How often a replica renews its membership and re-reads the member list.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a silent replica stays a member (its share waits at most this long, plus one
+/// period of the tags it owned).
+pub const MEMBER_TTL: Duration = Duration::from_secs(5);
+/// How long an outbox may stay unpublished before its owner publishes it in place of the
+/// replica that committed it.
+const OUTBOX_ADOPT_AFTER: Duration = Duration::from_secs(5);
+
+pub struct Cluster {
+    me: String,
+    kv: kv::Store,
+    members: RwLock<Vec<String>>,
+}
+
+fn score(member: &str, key: &str) -> [u8; 8] {
+    let mut h = sha2::Sha256::new();
+    h.update(member.as_bytes());
+    h.update([0]);
+    h.update(key.as_bytes());
+    let d = h.finalize();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d[..8]);
+    out
+}
+
+/// The member owning `key` (rendezvous hashing).
+pub fn owner<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
+    members
+        .iter()
+        .max_by_key(|m| score(m, key))
+        .map(String::as_str)
+}
+
+impl Cluster {
+    /// Joins: creates the members bucket if needed, announces this replica and reads the
+    /// member list once, so ownership is right before the scheduler starts.
+    pub async fn join(
+        client: async_nats::Client,
+        cfg: &NatsConfig,
+    ) -> Result<Arc<Cluster>, StoreError> {
+        let js = jetstream::new(client);
+        let bucket = format!("{}_MEMBERS", cfg.stream);
+        let kv = js
+            .create_or_update_key_value(kv::Config {
+                bucket: bucket.clone(),
+                history: 1,
+                max_age: MEMBER_TTL,
+                storage: jetstream::stream::StorageType::Memory,
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("NATS JetStream bucket {bucket}: {e}")))?;
+        let cluster = Arc::new(Cluster {
+            me: uuid::Uuid::new_v4().simple().to_string(),
+            kv,
+            members: RwLock::new(Vec::new()),
+        });
+        cluster.beat().await?;
+        Ok(cluster)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.me
+    }
+
+    pub fn members(&self) -> Vec<String> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether this replica owns `key`. A replica that cannot see itself in the member list
+    /// (cut off from NATS) owns nothing: the others carry on without it.
+    pub fn owns(&self, key: &str) -> bool {
+        let members = self.members.read().unwrap_or_else(|e| e.into_inner());
+        owner(&members, key) == Some(self.me.as_str())
+    }
+
+    async fn beat(&self) -> Result<(), StoreError> {
+        let err = |e: String| StoreError::Backend(format!("NATS JetStream membership: {e}"));
+        self.kv
+            .put(&self.me, Vec::<u8>::new().into())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut members: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .try_collect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        members.sort();
+        let changed = {
+            let mut cur = self.members.write().unwrap_or_else(|e| e.into_inner());
+            let changed = *cur != members;
+            *cur = members.clone();
+            changed
+        };
+        if changed {
+            tracing::info!(replicas = members.len(), me = %self.me, "cluster membership changed");
+        }
+        Ok(())
+    }
+
+    /// Heartbeats until cancelled, then leaves so the others take over at once.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.beat().await {
+                tracing::warn!(error = %e, "cluster heartbeat failed; this replica's share moves to the others until it is back");
+                self.members
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+            }
+        }
+        let _ = self.kv.delete(&self.me).await;
+    }
+}
+
+/// What the watcher remembers of a stream, to tell what a new revision changed.
+#[derive(PartialEq)]
+struct Seen {
+    generation: i64,
+    digests: BTreeMap<String, String>,
+}
+
+fn seen_of(rec: &Record) -> Option<Seen> {
+    rec.doc.as_ref().map(|d| Seen {
+        generation: d.generation,
+        digests: d
+            .tags
+            .iter()
+            .filter_map(|(n, t)| t.current_digest().map(|x| (n.clone(), x.to_string())))
+            .collect(),
+    })
+}
+
+/// Follows every change of the streams bucket (see the module docs) until cancelled,
+/// re-subscribing after errors.
+pub async fn run_watcher(
+    engine: Arc<Engine>,
+    store: Arc<NatsStore>,
+    cluster: Arc<Cluster>,
+    start_rev: u64,
+    cancel: CancellationToken,
+) {
+    let mut state = WatchState {
+        start_rev,
+        ..Default::default()
+    };
+    loop {
+        if let Err(e) = watch_once(&engine, &store, &cluster, &cancel, &mut state).await {
+            tracing::warn!(error = %e, "watching the streams bucket failed; resuming");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[derive(Default)]
+struct WatchState {
+    seen: HashMap<String, Seen>,
+    outbox_since: HashMap<String, Instant>,
+    /// Ids of events already passed to local `watch` clients.
+    recent: HashSet<String>,
+    recent_order: VecDeque<String>,
+    /// The bucket's last revision before the scheduler and planner read the store at start:
+    /// older entries are what they read themselves.
+    start_rev: u64,
+}
+
+impl WatchState {
+    fn remember(&mut self, id: &str) -> bool {
+        if !self.recent.insert(id.to_string()) {
+            return false;
+        }
+        self.recent_order.push_back(id.to_string());
+        if self.recent_order.len() > 16_384
+            && let Some(old) = self.recent_order.pop_front()
+        {
+            self.recent.remove(&old);
+        }
+        true
+    }
+}
+
+async fn watch_once(
+    engine: &Arc<Engine>,
+    store: &Arc<NatsStore>,
+    cluster: &Arc<Cluster>,
+    cancel: &CancellationToken,
+    st: &mut WatchState,
+) -> Result<(), String> {
+    let kv = store.streams_bucket();
+    let start_rev = st.start_rev;
+    let mut watch = kv
+        .watch_with_history(">")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let entry = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                adopt_outboxes(engine, store, cluster, st);
+                continue;
+            }
+            e = watch.next() => match e {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("watch ended".into()),
+            },
+        };
+        let key = entry.key.clone();
+        let initial = entry.revision <= start_rev;
+        let local = store.committed_here(&key, entry.revision);
+        let rec = match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<Record>(&entry.value) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(stream = %key, error = %e, "unreadable entry in the streams bucket ignored");
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        match rec.as_ref().filter(|r| !r.outbox.is_empty()) {
+            Some(_) => {
+                st.outbox_since
+                    .entry(key.clone())
+                    .or_insert_with(Instant::now);
+            }
+            None => {
+                st.outbox_since.remove(&key);
+            }
+        }
+        let new = rec.as_ref().and_then(seen_of);
+        let old = match &new {
+            Some(_) => None,
+            None => st.seen.remove(&key),
+        };
+        let old = match new {
+            Some(n) => st.seen.insert(key.clone(), n),
+            None => old,
+        };
+        if let Some(r) = &rec {
+            for e in &r.outbox {
+                let fresh = st.remember(&e.id);
+                if fresh && !local && !initial {
+                    let _ = engine.events.send(e.clone());
+                }
+            }
+        }
+        if initial || local {
+            continue;
+        }
+        let new = st.seen.get(&key);
+        if old.as_ref().map(|o| o.generation) != new.map(|n| n.generation) {
+            if let Some(doc) = rec.as_ref().and_then(|r| r.doc.as_ref()) {
+                engine.index_stream(Some(doc));
+            }
+            let _ = engine.spec_changes.send(SpecChange::Stream(key.clone()));
+        }
+        if let Some(n) = new {
+            for (tag, digest) in &n.digests {
+                let before = old.as_ref().and_then(|o| o.digests.get(tag));
+                let tag_key = format!("{key}:{tag}");
+                if before != Some(digest) && cluster.owns(&tag_key) {
+                    let _ = engine.changed_tags.send(tag_key);
+                }
+            }
+        }
+    }
+}
+
+/// Publishes outboxes left unpublished too long by whichever replica committed them.
+fn adopt_outboxes(engine: &Engine, store: &NatsStore, cluster: &Cluster, st: &WatchState) {
+    let mut adopted = false;
+    for (key, since) in &st.outbox_since {
+        if since.elapsed() >= OUTBOX_ADOPT_AFTER && cluster.owns(key) {
+            store.adopt_outbox(key);
+            adopted = true;
+        }
+    }
+    if adopted {
+        engine.outbox.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_is_shared_and_moves_only_the_leavers_share() {
+        let three: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let keys: Vec<String> = (0..3000).map(|i| format!("default/s:t{i}")).collect();
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for k in &keys {
+            *count.entry(owner(&three, k).unwrap()).or_default() += 1;
+        }
+        for m in ["a", "b", "c"] {
+            assert!((800..1200).contains(&count[m]), "{count:?}");
+        }
+        let two: Vec<String> = vec!["a".into(), "c".into()];
+        for k in &keys {
+            let before = owner(&three, k).unwrap();
+            let after = owner(&two, k).unwrap();
+            if before != "b" {
+                assert_eq!(before, after, "only b's share moves");
+            }
+        }
+        assert_eq!(owner(&[], "x"), None);
+    }
+}

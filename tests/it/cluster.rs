@@ -1,0 +1,316 @@
+//! Scale-out: replicas sharing the JetStream store act as one engine — the store behaves like
+//! SQLite, each scheduled check runs once per period across replicas, a killed replica loses
+//! no delivery, concurrent tags on two replicas are all recorded, and a NATS node may fail.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use crate::support::receiver::Receiver;
+use crate::support::*;
+
+fn shared(nats_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ISTREAM_STORE__KIND", "nats".to_string()),
+        ("ISTREAM_NATS__URL", nats_url.to_string()),
+    ]
+}
+
+fn replica(extra: &str, env: &[(&'static str, String)]) -> Engine {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Engine::start_env(extra, &env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_store_behaves_like_sqlite() {
+    let nats = Nats::start();
+    let cfg = istream::config::NatsConfig::with_url(&nats.url);
+    let store = istream::store::Store::connect_nats(&cfg).await.unwrap();
+    istream::store::conformance::behaviour(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_check_each_tag_once_per_period() {
+    let reg = Registry::start_with(RegistryOptions {
+        access_log: true,
+        ..Default::default()
+    });
+    let push = Pusher::new(&reg.host);
+    push.image("app", "v1", "1").await;
+    let nats = Nats::start();
+    let (streams, per_stream) = (10, 30);
+    // 150 checks/s are needed: lift the per-replica budget for this registry.
+    let mut cfg = format!(
+        "[schedule]\ninterval = \"2s\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\n",
+        reg.host
+    );
+    for s in 0..streams {
+        cfg += &format!("\n[[stream]]\nname = \"s{s}\"\ntags = [\n");
+        for t in 0..per_stream {
+            cfg += &format!(
+                "  {{ name = \"t{t}\", from.image = \"{}/app:v1\", scheduled = true }},\n",
+                reg.host
+            );
+        }
+        cfg += "]\n";
+    }
+    let env = shared(&nats.url);
+    let replicas: Vec<Engine> = (0..3).map(|_| replica(&cfg, &env)).collect();
+    // Every tag imported, as any replica sees it.
+    for r in &replicas {
+        wait_for("all 300 tags imported", || async {
+            let body: serde_json::Value = r
+                .get("/api/v1/namespaces/default/imagestreamtags")
+                .await
+                .json()
+                .await
+                .ok()?;
+            let n = body
+                .as_array()?
+                .iter()
+                .filter(|t| t["digest"].is_string())
+                .count();
+            (n == streams * per_stream).then_some(())
+        })
+        .await;
+    }
+    // Measure over ten periods (a measurement window, not a wait for a condition).
+    let before = reg.manifest_requests();
+    let window = Duration::from_secs(20);
+    tokio::time::sleep(window).await;
+    let checks = reg.manifest_requests() - before;
+    let expected = streams * per_stream * 10;
+    eprintln!(
+        "3 replicas, 300 tags, 2 s period, 20 s: {checks} manifest requests (one check per tag per period: {expected}; one per replica: {})",
+        expected * 3
+    );
+    assert!(
+        checks * 10 >= expected * 7 && checks * 10 <= expected * 14,
+        "{checks} checks in 20 s for 300 tags at a 2 s period; expected about {expected}"
+    );
+}
+
+fn deliveries_config(rx: &Receiver, n: usize) -> String {
+    let mut cfg = String::from(
+        "[delivery]\nconcurrency = 2\ninitial_backoff = \"100ms\"\ntimeout = \"2s\"\n",
+    );
+    for i in 0..n {
+        cfg += &format!(
+            "\n[[trigger]]\nname = \"t{i}\"\non = [\"s{i}:latest\"]\nwebhook = {{ url = \"{}/t{i}\", timeout = \"2s\" }}\n",
+            rx.url
+        );
+    }
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_replica_loses_no_delivery() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(300));
+    let nats = Nats::start();
+    let n = 12;
+    for i in 0..n {
+        push.image(&format!("a/s{i}"), "latest", "1").await;
+    }
+    let cfg = deliveries_config(&rx, n);
+    let env = shared(&nats.url);
+    let mut a = replica(&cfg, &env);
+    let b = replica(&cfg, &env);
+    for i in 0..n {
+        a.import_new(&format!("s{i}"), &format!("{}/a/s{i}", reg.host));
+    }
+    rx.wait_requests(2).await;
+    a.kill();
+    rx.set_delay(Duration::ZERO);
+    let reqs = wait_for(
+        "every trigger delivered by the surviving replica",
+        || async {
+            let r = rx.requests();
+            let mut paths: Vec<String> = r.iter().map(|x| x.path.clone()).collect();
+            paths.sort();
+            paths.dedup();
+            (paths.len() == n).then_some(r)
+        },
+    )
+    .await;
+    for i in 0..n {
+        let keys: Vec<_> = reqs
+            .iter()
+            .filter(|r| r.path == format!("/t{i}"))
+            .map(|r| r.header("idempotency-key"))
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] == w[1]), "t{i}: {keys:?}");
+    }
+    // The survivor's view: nothing pending, nothing dead.
+    wait_for("all deliveries recorded as delivered", || async {
+        let v: serde_json::Value = b.get("/api/v1/triggers").await.json().await.ok()?;
+        let all = v.as_array()?;
+        all.iter()
+            .all(|t| t["pending"] == 0 && t["dead"] == 0 && t["delivered"] == 1)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tags_on_two_replicas_are_all_recorded() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let n = 8;
+    let mut digests = BTreeSet::new();
+    for i in 0..n {
+        digests.insert(push.image("app", &format!("v{i}"), &format!("{i}")).await);
+    }
+    let nats = Nats::start();
+    let env = shared(&nats.url);
+    let a = replica("", &env);
+    let b = replica("", &env);
+    let (ua, ub) = (a.url.clone(), b.url.clone());
+    let host = reg.host.clone();
+    let runs: Vec<_> = (0..n)
+        .map(|i| {
+            let url = if i % 2 == 0 { ua.clone() } else { ub.clone() };
+            let src = format!("{host}/app:v{i}");
+            std::thread::spawn(move || {
+                std::process::Command::new(bin())
+                    .args(["tag", &src, "app:latest"])
+                    .env("ISTREAM_SERVER", url)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for r in runs {
+        expect_code(&r.join().unwrap(), 0);
+    }
+    for e in [&a, &b] {
+        let t = e.istag("app:latest").unwrap();
+        let hist: Vec<String> = t["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["digest"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(hist.len(), n, "every tag recorded once: {hist:?}");
+        assert_eq!(hist.iter().cloned().collect::<BTreeSet<_>>(), digests);
+    }
+    // Each change published once, in the order the history records (newest first there).
+    let hist: Vec<String> = a.istag("app:latest").unwrap()["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["digest"].as_str().unwrap().to_string())
+        .collect();
+    let published = published_digests(&nats.url, "istream.default.app.latest", n).await;
+    let newest_first: Vec<String> = published.iter().rev().cloned().collect();
+    assert_eq!(
+        newest_first, hist,
+        "events in the order of the history, once each"
+    );
+}
+
+/// The digests of the `tag.changed` events on `subject` in the events stream, oldest first,
+/// once at least `n` are there.
+async fn published_digests(url: &str, subject: &str, n: usize) -> Vec<String> {
+    let client = async_nats::connect(istream::bus::server_addrs(url).unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    wait_for("every change published", || async {
+        let stream = js.get_stream("ISTREAM").await.ok()?;
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                filter_subject: subject.into(),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let mut msgs = consumer.fetch().max_messages(1000).messages().await.ok()?;
+        let mut out = Vec::new();
+        while let Some(Ok(m)) = msgs.next().await {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
+            out.push(v["data"]["digest"].as_str()?.to_string());
+        }
+        (out.len() >= n).then_some(out)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_node_lost_mid_run_loses_nothing() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let rx = Receiver::start().await;
+    let mut cluster = NatsCluster::start();
+    cluster.wait_ready().await;
+    let cfg = format!(
+        "[nats]\nreplicas = 3\n\n[delivery]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\nmax_attempts = 50\ntimeout = \"2s\"\n\n[[trigger]]\nname = \"deploy\"\non = [\"app:latest\"]\nwebhook = {{ url = \"{}/deploy\", timeout = \"2s\" }}\n",
+        rx.url
+    );
+    let env = vec![
+        ("ISTREAM_STORE__KIND", "nats".to_string()),
+        ("ISTREAM_NATS__URL", cluster.urls()),
+    ];
+    let a = replica(&cfg, &env);
+    let b = replica(&cfg, &env);
+    let mut pushed = Vec::new();
+    let rounds = 8;
+    for i in 0..rounds {
+        if i == rounds / 2 {
+            cluster.stop_node(0);
+        }
+        pushed.push(push.image("app", "latest", &format!("{i}")).await);
+        let e = if i % 2 == 0 { &a } else { &b };
+        let src = format!("--from={}/app:latest", reg.host);
+        // A command may fail while the cluster elects new leaders; the user retries. What
+        // was acknowledged must never be lost.
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let o = e.cli(&["import-image", "app", &src, "--confirm"]);
+            if o.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "import kept failing: {}",
+                stderr(&o)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let hist: Vec<String> = wait_for("the history as every replica sees it", || async {
+        let t = b.istag("app:latest")?;
+        let h: Vec<String> = t["history"]
+            .as_array()?
+            .iter()
+            .filter_map(|h| h["digest"].as_str().map(str::to_string))
+            .collect();
+        (h.len() == rounds).then_some(h)
+    })
+    .await;
+    let mut want: Vec<String> = pushed.clone();
+    want.reverse();
+    assert_eq!(hist, want, "every change recorded, in order");
+    let published = published_digests(&cluster.urls(), "istream.default.app.latest", rounds).await;
+    assert_eq!(published, pushed, "every change published once, in order");
+    // Every delivery settled: delivered, or superseded by a newer image as the firing rule
+    // allows; the newest image reaches CI.
+    wait_for("deliveries settled", || async {
+        let v: serde_json::Value = a.get("/api/v1/triggers/deploy").await.json().await.ok()?;
+        (v["pending"] == 0 && v["dead"] == 0 && v["delivered"].as_i64()? >= 1).then_some(())
+    })
+    .await;
+    let newest = pushed.last().unwrap().clone();
+    wait_for("the newest image delivered", || async {
+        rx.requests()
+            .iter()
+            .any(|r| r.json()["data"]["digest"] == newest.as_str())
+            .then_some(())
+    })
+    .await;
+}
