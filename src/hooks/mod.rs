@@ -22,7 +22,8 @@ pub use parse::Push;
 
 /// The payload parsers, for robustness tests.
 #[cfg(test)]
-pub(crate) use parse::parse as parse_for_fuzz;
+#[doc(hidden)]
+pub use parse::parse as parse_for_fuzz;
 
 #[derive(Default)]
 pub struct HookState {

@@ -314,3 +314,26 @@ async fn nats_node_lost_mid_run_loses_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_deploy_config_starts_a_replica() {
+    let nats = Nats::start();
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/scale-out/istream.toml");
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--config", cfg])
+        .env("ISTREAM_API_TOKEN", "t1")
+        .env("ISTREAM_HOOK_TOKEN", "t2")
+        // loopback and one node here; the file names the compose hosts and three replicas
+        .env("ISTREAM_SERVER__LISTEN", "127.0.0.1:0")
+        .env("ISTREAM_NATS__URL", &nats.url)
+        .env("ISTREAM_NATS__REPLICAS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    log.follow(child.stderr.take().unwrap());
+    let line = log.wait_line("istream listening on", &mut child);
+    assert!(line.contains("store=\"nats\""), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
