@@ -111,6 +111,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(max_body))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_READ_TIMEOUT,
+        ))
         .with_state(state)
 }
 
@@ -122,14 +125,18 @@ pub async fn serve(
     cancel: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     let router = router(state);
-    let Some(acceptor) = tls else {
-        let app = router.into_make_service_with_connect_info::<SocketAddr>();
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
-    };
-    // HTTPS: accept, handshake, then serve the same router; the peer address goes into the
-    // request extensions as axum's `ConnectInfo` would.
+    // One accept loop for HTTP and HTTPS, so both get the same limits: request headers must
+    // arrive within HEADER_READ_TIMEOUT and fit in MAX_HEADER_BYTES (else 431), and bodies
+    // must arrive within BODY_READ_TIMEOUT (the router's layer) — a slow client cannot hold
+    // a connection or memory. The peer address goes into the request extensions as axum's
+    // `ConnectInfo` would.
+    let mut http =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    http.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    let http = Arc::new(http);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -137,30 +144,52 @@ pub async fn serve(
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
+                    // Out of file descriptors, typically: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let acceptor = acceptor.clone();
+        let acceptor = tls.clone();
+        let http = http.clone();
         let app = router.clone().layer(axum::Extension(ConnectInfo(peer)));
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+            match acceptor {
+                None => {
+                    let _ = http
+                        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let _ = http
+                        .serve_connection_with_upgrades(
+                            hyper_util::rt::TokioIo::new(stream),
+                            service,
+                        )
+                        .await;
+                }
+            }
         });
     }
 }
+
+/// How long a client may take to send a request's headers (and the TLS handshake).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request line and headers together, at most.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// How long a client may take to send a request body (bodies are at most 1 MiB).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The TLS acceptor for `[server] tls_cert_file` / `tls_key_file`.
 pub fn tls_acceptor(

@@ -142,6 +142,8 @@ pub struct RegistryConfig {
     pub max_requests_per_second: f64,
     pub max_concurrency: usize,
     pub internal: bool,
+    /// Whole-request limit (connect, headers, body): a registry that trickles gives up.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -651,6 +653,13 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         if conc == 0 {
             return Err(loc.err(&p("max_concurrency"), "must be at least 1"));
         }
+        let timeout = match &r.timeout {
+            Some(s) => duration(loc, &p("timeout"), s)?,
+            None => Duration::from_secs(30),
+        };
+        if timeout.is_zero() {
+            return Err(loc.err(&p("timeout"), "must be more than 0"));
+        }
         registries.push(RegistryConfig {
             host: r.host.clone(),
             insecure: r.insecure.unwrap_or(false),
@@ -660,6 +669,7 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             max_requests_per_second: rps,
             max_concurrency: conc,
             internal: r.internal.unwrap_or(false),
+            timeout,
         });
     }
 

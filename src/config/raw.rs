@@ -135,6 +135,7 @@ pub struct Registry {
     pub max_requests_per_second: Option<f64>,
     pub max_concurrency: Option<usize>,
     pub internal: Option<bool>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

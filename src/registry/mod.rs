@@ -119,6 +119,7 @@ pub struct Host {
     scheme: Mutex<Option<&'static str>>,
     creds: Option<credentials::Credentials>,
     insecure: bool,
+    timeout: Duration,
 }
 
 pub fn install_crypto() {
@@ -193,6 +194,7 @@ impl RegistryClient {
                     scheme: Mutex::new(None),
                     creds: credentials::lookup(name, cfg),
                     insecure: cfg.map(|c| c.insecure).unwrap_or(false),
+                    timeout: cfg.map_or(Duration::from_secs(30), |c| c.timeout),
                 })
             })
             .clone()
@@ -345,6 +347,7 @@ impl RegistryClient {
             let url = format!("{scheme}://{}{}", host.name, path_and_query);
             let mut req = client
                 .request(method.clone(), &url)
+                .timeout(host.timeout)
                 .header(header::ACCEPT, ACCEPT_ALL);
             if let Some(a) = &authorization {
                 req = req.header(header::AUTHORIZATION, a);

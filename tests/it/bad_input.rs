@@ -1,6 +1,6 @@
 //! Bad input of every kind gets a clear error or condition and changes nothing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -243,4 +243,85 @@ async fn registries_outside_the_allow_list_are_never_contacted() {
             .unwrap()
             .contains("allowed_registries")
     );
+}
+
+/// A registry that answers every connection with a status line and then one header byte
+/// every 200 ms, forever.
+async fn trickling_registry() -> String {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(b"HTTP/1.1 200 OK\r\nX-Slow: ").await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if s.write_all(b"a").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_registry_times_out_and_the_engine_keeps_serving() {
+    let host = trickling_registry().await;
+    let e = Engine::start(&format!(
+        "[[registry]]\nhost = \"{host}\"\ntimeout = \"2s\"\n"
+    ));
+    let started = Instant::now();
+    let o = e.cli(&[
+        "import-image",
+        "slow:x",
+        &format!("--from={host}/r/x:1"),
+        "--confirm",
+    ]);
+    expect_code(&o, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    let t = e.istag("slow:x").unwrap();
+    assert_eq!(t["conditions"][0]["reason"], "Unreachable", "{t}");
+    assert!(e.get("/healthz").await.status().is_success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_or_huge_request_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = Engine::start("");
+    let addr = e.url.trim_start_matches("http://").to_string();
+    // Headers that never end: the engine closes the connection.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Meanwhile everyone else is served.
+    assert!(e.get("/healthz").await.status().is_success());
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(25), slow.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection with unfinished headers stayed open"
+    );
+    // 100 KB of headers: refused with 431.
+    istream::registry::install_crypto();
+    let r = reqwest::Client::new()
+        .get(format!("{}/healthz", e.url))
+        .header("x-big", "a".repeat(100 * 1024))
+        .send()
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status().as_u16(), 431),
+        // the server may close while the client still writes
+        Err(err) => assert!(err.is_request() || err.is_connect(), "{err}"),
+    }
+    assert!(e.get("/healthz").await.status().is_success());
 }
