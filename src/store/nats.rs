@@ -53,6 +53,10 @@ struct FiredState {
     digest: String,
     /// Key of the delivery queued for it (None under `skip_initial`).
     delivery: Option<String>,
+    /// When it fired (ms): a pending delivery of the same trigger and tag created before
+    /// this, other than `delivery`, is stale (superseded).
+    #[serde(default)]
+    fired_at: i64,
 }
 
 /// One `<S>_DELIVERIES` record.
@@ -598,6 +602,7 @@ impl NatsStore {
                 tag: r.tag.clone(),
                 digest: digest.clone(),
                 delivery: delivery.clone(),
+                fired_at: now_ms,
             };
             let body = serde_json::to_vec(&state).map_err(|e| corrupt("trigger state", e))?;
             let written = match &current {
@@ -631,17 +636,8 @@ impl NatsStore {
                         && let Some(old_key) = old.delivery
                         && Some(&old_key) != delivery.as_ref()
                     {
-                        let by = digest.clone();
-                        self.update_record(&old_key, |d| {
-                            if matches!(d.state, DeliveryState::Pending | DeliveryState::Inflight) {
-                                d.state = DeliveryState::Superseded;
-                                d.last_error = Some(format!("superseded by {by}"));
-                                true
-                            } else {
-                                false
-                            }
-                        })
-                        .await?;
+                        self.update_record(&old_key, |d| supersede(d, &digest))
+                            .await?;
                     }
                     return Ok(if initial_skip {
                         FireOutcome::Recorded
@@ -738,7 +734,18 @@ impl NatsStore {
                     continue;
                 }
             };
-            match self.delivery_record(&item.key).await? {
+            let mut rec = self.delivery_record(&item.key).await?;
+            if let Some((r, _)) = &mut rec {
+                let state_key = short_hash(&[&r.trigger, &r.tag]);
+                if let Some((st, _)) = self.fired_state(&state_key).await?
+                    && is_stale(r, &item.key, &st)
+                {
+                    self.update_record(&item.key, |d| supersede(d, &st.digest))
+                        .await?;
+                    supersede(r, &st.digest);
+                }
+            }
+            match rec {
                 Some((rec, _))
                     if matches!(rec.state, DeliveryState::Pending | DeliveryState::Inflight) =>
                 {
@@ -762,6 +769,30 @@ impl NatsStore {
         Ok(Some(chrono::Utc::now().timestamp_millis() + 250))
     }
 
+    /// The trigger's states, by tag.
+    async fn fired_states(&self, trigger: &str) -> Result<HashMap<String, FiredState>, StoreError> {
+        let keys: Vec<String> = self
+            .triggers
+            .keys()
+            .await
+            .map_err(|e| backend("trigger state listing", e))?
+            .try_collect()
+            .await
+            .map_err(|e| backend("trigger state listing", e))?;
+        let mut out = HashMap::new();
+        for k in keys {
+            if let Some((st, _)) = self.fired_state(&k).await?
+                && st.trigger == trigger
+            {
+                out.insert(st.tag.clone(), st);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The trigger's delivery records, newest first. A pending one that a later firing of
+    /// the same tag left behind (its publication failed, say, while NATS elected a leader)
+    /// is marked superseded here: the newer image went out instead.
     async fn records(&self, trigger: &str) -> Result<Vec<DeliveryRecord>, StoreError> {
         let keys: Vec<String> = self
             .deliveries
@@ -771,13 +802,23 @@ impl NatsStore {
             .try_collect()
             .await
             .map_err(|e| backend("delivery listing", e))?;
+        let states = self.fired_states(trigger).await?;
         let mut out = Vec::new();
         for k in keys {
-            if let Some((r, _)) = self.delivery_record(&k).await?
-                && r.trigger == trigger
-            {
-                out.push(r);
+            let Some((mut r, _)) = self.delivery_record(&k).await? else {
+                continue;
+            };
+            if r.trigger != trigger {
+                continue;
             }
+            if let Some(st) = states.get(&r.tag)
+                && is_stale(&r, &k, st)
+            {
+                let by = st.digest.clone();
+                self.update_record(&k, |d| supersede(d, &by)).await?;
+                supersede(&mut r, &by);
+            }
+            out.push(r);
         }
         out.sort_by_key(|r| std::cmp::Reverse(r.id));
         Ok(out)
@@ -803,20 +844,8 @@ impl NatsStore {
                 DeliveryState::Superseded => s.superseded += 1,
             }
         }
-        let keys: Vec<String> = self
-            .triggers
-            .keys()
-            .await
-            .map_err(|e| backend("trigger state listing", e))?
-            .try_collect()
-            .await
-            .map_err(|e| backend("trigger state listing", e))?;
-        for k in keys {
-            if let Some((st, _)) = self.fired_state(&k).await?
-                && st.trigger == trigger
-            {
-                s.last_fired.insert(st.tag, st.digest);
-            }
+        for (tag, st) in self.fired_states(trigger).await? {
+            s.last_fired.insert(tag, st.digest);
         }
         Ok(s)
     }
@@ -850,6 +879,23 @@ impl NatsStore {
 /// creation time in milliseconds and a random tail.
 fn new_delivery_id(now_ms: i64) -> i64 {
     now_ms.max(0).saturating_mul(1_000) + fastrand::i64(0..1_000)
+}
+
+fn is_stale(r: &DeliveryRecord, key: &str, st: &FiredState) -> bool {
+    matches!(r.state, DeliveryState::Pending | DeliveryState::Inflight)
+        && st.delivery.as_deref() != Some(key)
+        && st.fired_at > r.created
+}
+
+/// Marks a still-waiting delivery superseded by `by`; false if it had settled already.
+fn supersede(d: &mut DeliveryRecord, by: &str) -> bool {
+    if matches!(d.state, DeliveryState::Pending | DeliveryState::Inflight) {
+        d.state = DeliveryState::Superseded;
+        d.last_error = Some(format!("superseded by {by}"));
+        true
+    } else {
+        false
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

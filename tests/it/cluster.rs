@@ -300,11 +300,32 @@ async fn nats_node_lost_mid_run_loses_nothing() {
     assert_eq!(published, pushed, "every change published once, in order");
     // Every delivery settled: delivered, or superseded by a newer image as the firing rule
     // allows; the newest image reaches CI.
-    wait_for("deliveries settled", || async {
-        let v: serde_json::Value = a.get("/api/v1/triggers/deploy").await.json().await.ok()?;
-        (v["pending"] == 0 && v["dead"] == 0 && v["delivered"].as_i64()? >= 1).then_some(())
+    let last = std::sync::Mutex::new(serde_json::Value::Null);
+    let settled = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Ok(v) = a
+                .get("/api/v1/triggers/deploy")
+                .await
+                .json::<serde_json::Value>()
+                .await
+            {
+                let done =
+                    v["pending"] == 0 && v["dead"] == 0 && v["delivered"].as_i64() >= Some(1);
+                *last.lock().unwrap() = v;
+                if done {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
+    assert!(
+        settled.is_ok(),
+        "deliveries not settled: {}\nlog of a:\n{}",
+        last.lock().unwrap(),
+        a.log.text()
+    );
     let newest = pushed.last().unwrap().clone();
     wait_for("the newest image delivered", || async {
         rx.requests()
