@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target for SECONDS each (default 600), two at a time, with libFuzzer
+# Runs every cargo-fuzz target for SECONDS each (default 600), $FUZZ_JOBS at a time (default
+# 2, one per core here), with libFuzzer
 # on the nightly toolchain. New inputs go to target/fuzz-corpus/<target>; the seeds in
 # fuzz/seeds/<target> are read, never written. A crash leaves its input in
 # fuzz/artifacts/<target>/ and makes this script fail.
@@ -24,7 +25,7 @@ pids=()
 for t in "${targets[@]}"; do
   run "$t" &
   pids+=($!)
-  if [ ${#pids[@]} -ge 2 ]; then
+  if [ ${#pids[@]} -ge "${FUZZ_JOBS:-2}" ]; then
     wait "${pids[0]}" || status=1
     pids=("${pids[@]:1}")
   fi

@@ -41,7 +41,11 @@ const OUTBOX_ADOPT_AFTER: Duration = Duration::from_secs(5);
 
 pub struct Cluster {
     me: String,
-    kv: kv::Store,
+    js: jetstream::Context,
+    config: kv::Config,
+    /// Re-created when a heartbeat fails: the bucket is in memory and does not survive a
+    /// restart of a single nats-server.
+    kv: std::sync::Mutex<kv::Store>,
     members: RwLock<Vec<String>>,
 }
 
@@ -72,21 +76,20 @@ impl Cluster {
         cfg: &NatsConfig,
     ) -> Result<Arc<Cluster>, StoreError> {
         let js = jetstream::new(client);
-        let bucket = format!("{}_MEMBERS", cfg.stream);
-        let kv = js
-            .create_or_update_key_value(kv::Config {
-                bucket: bucket.clone(),
-                history: 1,
-                max_age: MEMBER_TTL,
-                storage: jetstream::stream::StorageType::Memory,
-                num_replicas: cfg.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| StoreError::Backend(format!("NATS JetStream bucket {bucket}: {e}")))?;
+        let config = kv::Config {
+            bucket: format!("{}_MEMBERS", cfg.stream),
+            history: 1,
+            max_age: MEMBER_TTL,
+            storage: jetstream::stream::StorageType::Memory,
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        };
+        let kv = open_bucket(&js, &config).await?;
         let cluster = Arc::new(Cluster {
             me: uuid::Uuid::new_v4().simple().to_string(),
-            kv,
+            js,
+            config,
+            kv: std::sync::Mutex::new(kv),
             members: RwLock::new(Vec::new()),
         });
         cluster.beat().await?;
@@ -111,14 +114,17 @@ impl Cluster {
         owner(&members, key) == Some(self.me.as_str())
     }
 
+    fn bucket(&self) -> kv::Store {
+        self.kv.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     async fn beat(&self) -> Result<(), StoreError> {
         let err = |e: String| StoreError::Backend(format!("NATS JetStream membership: {e}"));
-        self.kv
-            .put(&self.me, Vec::<u8>::new().into())
+        let kv = self.bucket();
+        kv.put(&self.me, Vec::<u8>::new().into())
             .await
             .map_err(|e| err(e.to_string()))?;
-        let mut members: Vec<String> = self
-            .kv
+        let mut members: Vec<String> = kv
             .keys()
             .await
             .map_err(|e| err(e.to_string()))?
@@ -153,10 +159,22 @@ impl Cluster {
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .clear();
+                if let Ok(kv) = open_bucket(&self.js, &self.config).await {
+                    *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = kv;
+                }
             }
         }
-        let _ = self.kv.delete(&self.me).await;
+        let _ = self.bucket().delete(&self.me).await;
     }
+}
+
+async fn open_bucket(
+    js: &jetstream::Context,
+    config: &kv::Config,
+) -> Result<kv::Store, StoreError> {
+    js.create_or_update_key_value(config.clone())
+        .await
+        .map_err(|e| StoreError::Backend(format!("NATS JetStream bucket {}: {e}", config.bucket)))
 }
 
 /// What the watcher remembers of a stream, to tell what a new revision changed.

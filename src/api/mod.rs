@@ -216,11 +216,20 @@ pub fn tls_acceptor(
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.ready.load(Ordering::Relaxed) {
-        "ready".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    if !s.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response();
     }
+    // A replica cut off from JetStream cannot write: take it out of the load balancer.
+    if let Some(c) = s.engine.cluster.get()
+        && !c.members().iter().any(|m| m == c.id())
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not a member of the replica set: NATS JetStream unreachable",
+        )
+            .into_response();
+    }
+    "ready".into_response()
 }
 
 async fn metrics() -> Response {

@@ -20,8 +20,7 @@ use crate::config::Secret;
 use crate::model::{StreamName, StreamTagRef};
 pub use parse::Push;
 
-/// The payload parsers, for robustness tests.
-#[cfg(test)]
+/// The payload parsers, for the robustness tests and the fuzz targets.
 #[doc(hidden)]
 pub use parse::parse as parse_for_fuzz;
 

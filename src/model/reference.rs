@@ -233,9 +233,6 @@ impl ImageRef {
                 ),
             ));
         }
-        if repo.len() > 255 {
-            return Err(err(W, input, "repository name longer than 255 characters"));
-        }
         if let Some(t) = tag
             && !is_tag(t)
         {
@@ -248,6 +245,11 @@ impl ImageRef {
         let mut repository = repo.to_string();
         if registry == DOCKER_HUB && !repository.contains('/') {
             repository = format!("library/{repository}");
+        }
+        // Checked on the normalised name, so whatever parses also parses again when printed
+        // (found by the `reference` fuzz target: a 247-character Docker Hub name).
+        if repository.len() > 255 {
+            return Err(err(W, input, "repository name longer than 255 characters"));
         }
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_string()),
@@ -492,6 +494,26 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// Fuzz finding: a 247-character Docker Hub name parsed, but its printed form (with
+    /// `library/`) did not. Every input in fuzz/regressions/reference must keep the property.
+    #[test]
+    fn fuzz_regressions_print_back_to_themselves() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions/reference");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let s = String::from_utf8_lossy(&bytes);
+            if let Ok(r) = ImageRef::parse(&s) {
+                assert_eq!(ImageRef::parse(&r.to_string()).as_ref(), Ok(&r), "{s:?}");
+            }
+            n += 1;
+        }
+        assert!(n > 0);
+        let long = "a".repeat(250);
+        assert!(ImageRef::parse(&long).is_err(), "library/ + 250 > 255");
+        assert!(ImageRef::parse(&format!("team/{}", "a".repeat(250))).is_ok());
+    }
 
     #[test]
     fn docker_normalisation() {

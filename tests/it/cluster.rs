@@ -358,3 +358,78 @@ async fn scale_out_deploy_config_starts_a_replica() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_share_is_taken_over() {
+    let reg = Registry::start_with(RegistryOptions {
+        access_log: true,
+        ..Default::default()
+    });
+    let push = Pusher::new(&reg.host);
+    push.image("app", "v1", "1").await;
+    let nats = Nats::start();
+    let tags = 60;
+    let mut cfg = format!(
+        "[schedule]\ninterval = \"2s\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\n\n[[stream]]\nname = \"s\"\ntags = [\n",
+        reg.host
+    );
+    for t in 0..tags {
+        cfg += &format!(
+            "  {{ name = \"t{t}\", from.image = \"{}/app:v1\", scheduled = true }},\n",
+            reg.host
+        );
+    }
+    cfg += "]\n";
+    let env = shared(&nats.url);
+    let mut a = replica(&cfg, &env);
+    let b = replica(&cfg, &env);
+    wait_for("both replicas members", || async {
+        b.log
+            .find("cluster membership changed replicas=2")
+            .map(|_| ())
+    })
+    .await;
+    a.kill();
+    // The member key expires after 5 s; then every tag is b's and due within one period.
+    wait_for("the dead replica dropped from the member list", || async {
+        b.log
+            .text()
+            .lines()
+            .rev()
+            .find(|l| l.contains("cluster membership changed"))
+            .filter(|l| l.contains("replicas=1"))
+            .map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // one period for the moved tags to come due
+    let before = reg.manifest_requests();
+    let window = Duration::from_secs(6);
+    tokio::time::sleep(window).await;
+    let checks = reg.manifest_requests() - before;
+    // Three periods of 60 tags: 180 when b checks them all, 90 if a's half were lost.
+    assert!(
+        (150..=230).contains(&checks),
+        "{checks} checks in 6 s by the survivor for 60 tags at 2 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_nats_is_not_ready_until_it_is_back() {
+    let mut nats = Nats::start();
+    let e = replica("", &shared(&nats.url));
+    wait_for("ready", || async {
+        e.get("/readyz").await.status().is_success().then_some(())
+    })
+    .await;
+    nats.stop();
+    wait_for("not ready without NATS", || async {
+        (e.get("/readyz").await.status().as_u16() == 503).then_some(())
+    })
+    .await;
+    nats.restart();
+    wait_for("ready again", || async {
+        e.get("/readyz").await.status().is_success().then_some(())
+    })
+    .await;
+    expect_code(&e.cli(&["get", "is"]), 0);
+}
