@@ -110,21 +110,7 @@ async fn registry_rate(host: &str, secs: u64) -> f64 {
 
 async fn checks_per_second(reg: &support::Registry, replicas: usize, tags: usize) -> f64 {
     let nats = support::Nats::start();
-    let mut cfg = format!(
-        "[schedule]\ninterval = \"1s\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\n",
-        reg.host
-    );
-    let per_stream = 100;
-    for s in 0..tags / per_stream {
-        cfg += &format!("\n[[stream]]\nname = \"s{s}\"\ntags = [\n");
-        for t in 0..per_stream {
-            cfg += &format!(
-                "  {{ name = \"t{t}\", from.image = \"{}/app:v1\", scheduled = true }},\n",
-                reg.host
-            );
-        }
-        cfg += "]\n";
-    }
+    let cfg = support::scheduled_tags_config(&reg.host, "1s", tags / 100, 100);
     let env = [
         ("ISTREAM_STORE__KIND", "nats"),
         ("ISTREAM_NATS__URL", nats.url.as_str()),
@@ -133,21 +119,7 @@ async fn checks_per_second(reg: &support::Registry, replicas: usize, tags: usize
     let engines: Vec<support::Engine> = (0..replicas)
         .map(|_| support::Engine::start_env(&cfg, &env))
         .collect();
-    support::wait_for("every tag imported", || async {
-        let body: serde_json::Value = engines[0]
-            .get("/api/v1/namespaces/default/imagestreamtags")
-            .await
-            .json()
-            .await
-            .ok()?;
-        let n = body
-            .as_array()?
-            .iter()
-            .filter(|t| t["digest"].is_string())
-            .count();
-        (n == tags).then_some(())
-    })
-    .await;
+    engines[0].wait_tags_with_image(tags).await;
     // Let membership settle (heartbeats) before measuring.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let window = Duration::from_secs(10);

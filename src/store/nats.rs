@@ -297,14 +297,7 @@ impl NatsStore {
     }
 
     pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
-        let mut keys: Vec<String> = self
-            .streams
-            .keys()
-            .await
-            .map_err(|e| backend("key listing", e))?
-            .try_collect()
-            .await
-            .map_err(|e| backend("key listing", e))?;
+        let mut keys: Vec<String> = all_keys(&self.streams, "key listing").await?;
         keys.sort();
         Ok(keys)
     }
@@ -771,14 +764,7 @@ impl NatsStore {
 
     /// The trigger's states, by tag.
     async fn fired_states(&self, trigger: &str) -> Result<HashMap<String, FiredState>, StoreError> {
-        let keys: Vec<String> = self
-            .triggers
-            .keys()
-            .await
-            .map_err(|e| backend("trigger state listing", e))?
-            .try_collect()
-            .await
-            .map_err(|e| backend("trigger state listing", e))?;
+        let keys: Vec<String> = all_keys(&self.triggers, "trigger state listing").await?;
         let mut out = HashMap::new();
         for k in keys {
             if let Some((st, _)) = self.fired_state(&k).await?
@@ -794,14 +780,7 @@ impl NatsStore {
     /// the same tag left behind (its publication failed, say, while NATS elected a leader)
     /// is marked superseded here: the newer image went out instead.
     async fn records(&self, trigger: &str) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let keys: Vec<String> = self
-            .deliveries
-            .keys()
-            .await
-            .map_err(|e| backend("delivery listing", e))?
-            .try_collect()
-            .await
-            .map_err(|e| backend("delivery listing", e))?;
+        let keys: Vec<String> = all_keys(&self.deliveries, "delivery listing").await?;
         let states = self.fired_states(trigger).await?;
         let mut out = Vec::new();
         for k in keys {
@@ -879,6 +858,15 @@ impl NatsStore {
 /// creation time in milliseconds and a random tail.
 fn new_delivery_id(now_ms: i64) -> i64 {
     now_ms.max(0).saturating_mul(1_000) + fastrand::i64(0..1_000)
+}
+
+async fn all_keys(kv: &kv::Store, what: &str) -> Result<Vec<String>, StoreError> {
+    kv.keys()
+        .await
+        .map_err(|e| backend(what, e))?
+        .try_collect()
+        .await
+        .map_err(|e| backend(what, e))
 }
 
 fn is_stale(r: &DeliveryRecord, key: &str, st: &FiredState) -> bool {

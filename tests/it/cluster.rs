@@ -30,50 +30,27 @@ async fn jetstream_store_behaves_like_sqlite() {
     istream::store::conformance::behaviour(store).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_check_each_tag_once_per_period() {
+/// A registry logging every request, holding `app:v1`, and a nats-server.
+async fn counting_registry_with_app_v1() -> (Registry, Nats) {
     let reg = Registry::start_with(RegistryOptions {
         access_log: true,
         ..Default::default()
     });
-    let push = Pusher::new(&reg.host);
-    push.image("app", "v1", "1").await;
-    let nats = Nats::start();
+    Pusher::new(&reg.host).image("app", "v1", "1").await;
+    (reg, Nats::start())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_check_each_tag_once_per_period() {
+    let (reg, nats) = counting_registry_with_app_v1().await;
     let (streams, per_stream) = (10, 30);
-    // 150 checks/s are needed: lift the per-replica budget for this registry.
-    let mut cfg = format!(
-        "[schedule]\ninterval = \"2s\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\n",
-        reg.host
-    );
-    for s in 0..streams {
-        cfg += &format!("\n[[stream]]\nname = \"s{s}\"\ntags = [\n");
-        for t in 0..per_stream {
-            cfg += &format!(
-                "  {{ name = \"t{t}\", from.image = \"{}/app:v1\", scheduled = true }},\n",
-                reg.host
-            );
-        }
-        cfg += "]\n";
-    }
+    // 150 checks/s are needed: the config lifts the per-replica budget for this registry.
+    let cfg = scheduled_tags_config(&reg.host, "2s", streams, per_stream);
     let env = shared(&nats.url);
     let replicas: Vec<Engine> = (0..3).map(|_| replica(&cfg, &env)).collect();
     // Every tag imported, as any replica sees it.
     for r in &replicas {
-        wait_for("all 300 tags imported", || async {
-            let body: serde_json::Value = r
-                .get("/api/v1/namespaces/default/imagestreamtags")
-                .await
-                .json()
-                .await
-                .ok()?;
-            let n = body
-                .as_array()?
-                .iter()
-                .filter(|t| t["digest"].is_string())
-                .count();
-            (n == streams * per_stream).then_some(())
-        })
-        .await;
+        r.wait_tags_with_image(streams * per_stream).await;
     }
     // Measure the steady state: every replica sees the other two, and the imports each one
     // ran at start are over (one period later). Then ten periods: a measurement window, not a
@@ -136,25 +113,7 @@ async fn killed_replica_loses_no_delivery() {
     rx.wait_requests(2).await;
     a.kill();
     rx.set_delay(Duration::ZERO);
-    let reqs = wait_for(
-        "every trigger delivered by the surviving replica",
-        || async {
-            let r = rx.requests();
-            let mut paths: Vec<String> = r.iter().map(|x| x.path.clone()).collect();
-            paths.sort();
-            paths.dedup();
-            (paths.len() == n).then_some(r)
-        },
-    )
-    .await;
-    for i in 0..n {
-        let keys: Vec<_> = reqs
-            .iter()
-            .filter(|r| r.path == format!("/t{i}"))
-            .map(|r| r.header("idempotency-key"))
-            .collect();
-        assert!(keys.windows(2).all(|w| w[0] == w[1]), "t{i}: {keys:?}");
-    }
+    rx.wait_each_delivered_once_or_more(n).await;
     // The survivor's view: nothing pending, nothing dead.
     wait_for("all deliveries recorded as delivered", || async {
         let v: serde_json::Value = b.get("/api/v1/triggers").await.json().await.ok()?;
@@ -372,25 +331,9 @@ async fn scale_out_deploy_config_starts_a_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_share_is_taken_over() {
-    let reg = Registry::start_with(RegistryOptions {
-        access_log: true,
-        ..Default::default()
-    });
-    let push = Pusher::new(&reg.host);
-    push.image("app", "v1", "1").await;
-    let nats = Nats::start();
+    let (reg, nats) = counting_registry_with_app_v1().await;
     let tags = 60;
-    let mut cfg = format!(
-        "[schedule]\ninterval = \"2s\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\n\n[[stream]]\nname = \"s\"\ntags = [\n",
-        reg.host
-    );
-    for t in 0..tags {
-        cfg += &format!(
-            "  {{ name = \"t{t}\", from.image = \"{}/app:v1\", scheduled = true }},\n",
-            reg.host
-        );
-    }
-    cfg += "]\n";
+    let cfg = scheduled_tags_config(&reg.host, "2s", 1, tags);
     let env = shared(&nats.url);
     let mut a = replica(&cfg, &env);
     let b = replica(&cfg, &env);

@@ -708,6 +708,50 @@ impl Drop for Nats {
     }
 }
 
+/// Config for many scheduled tags: `streams` declared streams `s0…` of `per_stream` tags
+/// `t0…`, all polling `<host>/app:v1` every `interval`, with `host`'s request budget lifted.
+pub fn scheduled_tags_config(
+    host: &str,
+    interval: &str,
+    streams: usize,
+    per_stream: usize,
+) -> String {
+    let mut cfg = format!(
+        "[schedule]\ninterval = \"{interval}\"\n\n[[registry]]\nhost = \"{host}\"\nmax_requests_per_second = 0\n"
+    );
+    for s in 0..streams {
+        cfg += &format!("\n[[stream]]\nname = \"s{s}\"\ntags = [\n");
+        for t in 0..per_stream {
+            cfg += &format!(
+                "  {{ name = \"t{t}\", from.image = \"{host}/app:v1\", scheduled = true }},\n"
+            );
+        }
+        cfg += "]\n";
+    }
+    cfg
+}
+
+impl Engine {
+    /// Waits until `n` tags of namespace `default` point at an image, as this engine sees it.
+    pub async fn wait_tags_with_image(&self, n: usize) {
+        wait_for(&format!("{n} tags imported"), || async {
+            let body: serde_json::Value = self
+                .get("/api/v1/namespaces/default/imagestreamtags")
+                .await
+                .json()
+                .await
+                .ok()?;
+            let have = body
+                .as_array()?
+                .iter()
+                .filter(|t| t["digest"].is_string())
+                .count();
+            (have == n).then_some(())
+        })
+        .await
+    }
+}
+
 /// Three nats-server processes routed into one JetStream cluster (`istream-test`).
 pub struct NatsCluster {
     nodes: Vec<(Option<Child>, Vec<String>)>,

@@ -132,6 +132,27 @@ impl Receiver {
         self.inner.seen.lock().unwrap().clone()
     }
 
+    /// Waits until each of `/t0` … `/t{n-1}` was requested, then checks that repeated
+    /// requests of one path (at-least-once duplicates) carry the same `Idempotency-Key`.
+    pub async fn wait_each_delivered_once_or_more(&self, n: usize) {
+        let reqs = super::wait_for(&format!("a request at each of /t0../t{n}"), || async {
+            let r = self.requests();
+            let mut paths: Vec<String> = r.iter().map(|x| x.path.clone()).collect();
+            paths.sort();
+            paths.dedup();
+            (paths.len() == n).then_some(r)
+        })
+        .await;
+        for i in 0..n {
+            let keys: Vec<_> = reqs
+                .iter()
+                .filter(|r| r.path == format!("/t{i}"))
+                .map(|r| r.header("idempotency-key"))
+                .collect();
+            assert!(keys.windows(2).all(|w| w[0] == w[1]), "t{i}: {keys:?}");
+        }
+    }
+
     pub async fn wait_requests(&self, n: usize) -> Vec<Recorded> {
         super::wait_for(&format!("{n} requests at the receiver"), || async {
             let r = self.requests();
