@@ -387,3 +387,22 @@ async fn a_replica_without_nats_is_not_ready_until_it_is_back() {
     .await;
     expect_code(&e.cli(&["get", "is"]), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_on_one_replica_sees_changes_made_on_another() {
+    let reg = Registry::start();
+    let nats = Nats::start();
+    let env = shared(&nats.url);
+    let a = replica("", &env);
+    let b = replica("", &env);
+    let (mut child, rx) = watch_lines(&b.url, "w");
+    let (line, pushed) = change_until_watched(&reg, &a, "w", &rx).await;
+    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ev["type"], "io.istream.tag.changed");
+    assert!(
+        pushed.contains(&ev["data"]["digest"].as_str().unwrap().to_string()),
+        "{line}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,8 +1,7 @@
 //! Events: the exact CloudEvent on the exact subject, JetStream replay, the outbox across a NATS
 //! outage, the version check, and `istream watch` on the embedded default.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -194,44 +193,13 @@ fn nats_older_than_2_10_is_refused_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_changes_on_the_embedded_default() {
     let reg = Registry::start();
-    let push = Pusher::new(&reg.host);
     let e = Engine::start("");
-    let mut child = Command::new(bin())
-        .args(["watch", "w", "-o", "json"])
-        .env("ISTREAM_SERVER", &e.url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    // the stream need not exist yet; make a new change until the watcher has connected
-    let pushed = std::sync::Mutex::new(Vec::new());
-    let line = wait_for("a watch line", || {
-        let (push, e, rx, host, pushed) = (&push, &e, &rx, reg.host.clone(), &pushed);
-        async move {
-            let seed = pushed.lock().unwrap().len().to_string();
-            let d = push.image("a/w", "latest", &seed).await;
-            pushed.lock().unwrap().push(d);
-            let _ = e.cli(&[
-                "import-image",
-                "w",
-                &format!("--from={host}/a/w"),
-                "--confirm",
-            ]);
-            rx.recv_timeout(Duration::from_millis(300)).ok()
-        }
-    })
-    .await;
+    let (mut child, rx) = watch_lines(&e.url, "w");
+    let (line, pushed) = change_until_watched(&reg, &e, "w", &rx).await;
     let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(ev["type"], "io.istream.tag.changed");
     let digest = ev["data"]["digest"].as_str().unwrap().to_string();
-    assert!(pushed.lock().unwrap().contains(&digest), "{line}");
+    assert!(pushed.contains(&digest), "{line}");
     let _ = child.kill();
     let _ = child.wait();
 }

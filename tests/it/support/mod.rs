@@ -708,6 +708,59 @@ impl Drop for Nats {
     }
 }
 
+/// `istream watch STREAM -o json` against `url`: the process and its output lines.
+pub fn watch_lines(url: &str, stream: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(bin())
+        .args(["watch", stream, "-o", "json"])
+        .env("ISTREAM_SERVER", url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Imports new images of `a/<stream>` into `<stream>` through `importer` until `watch` prints a
+/// line (the watcher may connect after the first changes); returns the line and every digest
+/// pushed.
+pub async fn change_until_watched(
+    registry: &Registry,
+    importer: &Engine,
+    stream: &str,
+    watch: &std::sync::mpsc::Receiver<String>,
+) -> (String, Vec<String>) {
+    let push = Pusher::new(&registry.host);
+    let pushed = Mutex::new(Vec::new());
+    let line = wait_for("a watch line", || {
+        let (push, pushed) = (&push, &pushed);
+        async move {
+            let seed = pushed.lock().unwrap().len().to_string();
+            let d = push.image(&format!("a/{stream}"), "latest", &seed).await;
+            pushed.lock().unwrap().push(d);
+            let _ = importer.cli(&[
+                "import-image",
+                stream,
+                &format!("--from={}/a/{stream}", registry.host),
+                "--confirm",
+            ]);
+            watch.recv_timeout(Duration::from_millis(300)).ok()
+        }
+    })
+    .await;
+    (line, pushed.into_inner().unwrap())
+}
+
 /// Config for many scheduled tags: `streams` declared streams `s0…` of `per_stream` tags
 /// `t0…`, all polling `<host>/app:v1` every `interval`, with `host`'s request budget lifted.
 pub fn scheduled_tags_config(
