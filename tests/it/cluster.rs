@@ -406,3 +406,39 @@ async fn watch_on_one_replica_sees_changes_made_on_another() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_one_replica_moves_a_tag_made_on_another() {
+    let nats = Nats::start();
+    let mut env = shared(&nats.url);
+    env.push(("T_HOOKS", "hook-secret".into()));
+    let cfg = "[hooks]\ntoken_env = \"T_HOOKS\"\n";
+    let a = replica(cfg, &env);
+    let b = replica(cfg, &env);
+    // The registry notifies b only; the tag is made through a.
+    let reg = Registry::start_with(RegistryOptions {
+        notify: Some((format!("{}/hooks/registry", b.url), "hook-secret".into())),
+        ..Default::default()
+    });
+    let push = Pusher::new(&reg.host);
+    push.image("team/app", "latest", "1").await;
+    // A push of an untracked repository makes b build its push index now, before the tag
+    // exists: b must then learn of the tag from a's change.
+    push.image("team/other", "latest", "0").await;
+    wait_for("b to ignore the untracked push", || async {
+        b.log
+            .find("push for an untracked repository ignored")
+            .map(|_| ())
+    })
+    .await;
+    expect_code(
+        &a.cli(&["tag", &format!("{}/team/app", reg.host), "app:latest"]),
+        0,
+    );
+    let d2 = push.image("team/app", "latest", "2").await;
+    let t = wait_for("the push through b to move the tag made on a", || async {
+        a.istag("app").filter(|t| t["digest"] == d2.as_str())
+    })
+    .await;
+    assert_eq!(t["history"][0]["cause"], "push");
+}
