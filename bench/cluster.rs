@@ -114,14 +114,23 @@ async fn checks_per_second(reg: &support::Registry, replicas: usize, tags: usize
     let env = [
         ("ISTREAM_STORE__KIND", "nats"),
         ("ISTREAM_NATS__URL", nats.url.as_str()),
-        ("RUST_LOG", "warn,istream::serve=info"),
+        ("RUST_LOG", "warn,istream::serve=info,istream::cluster=info"),
     ];
     let engines: Vec<support::Engine> = (0..replicas)
         .map(|_| support::Engine::start_env(&cfg, &env))
         .collect();
     engines[0].wait_tags_with_image(tags).await;
-    // Let membership settle (heartbeats) before measuring.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Measure once every replica sees all the others, and the imports each ran at start are
+    // over (one period later).
+    for e in &engines {
+        support::wait_for("every replica a member", || async {
+            e.log
+                .find(&format!("cluster membership changed replicas={replicas}"))
+                .map(|_| ())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let window = Duration::from_secs(10);
     let before = reg.manifest_requests();
     tokio::time::sleep(window).await;

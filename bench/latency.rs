@@ -136,11 +136,7 @@ async fn events(reg: &Registry) {
     });
     let (mut inproc, mut js, mut call) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..300 {
-        let src = if i % 2 == 0 {
-            format!("app@{da}")
-        } else {
-            format!("app@{db}")
-        };
+        let src = format!("app@{}", if i % 2 == 0 { &da } else { &db });
         let t0 = Instant::now();
         api.tag(&src, "app:latest").await;
         inproc.push(
@@ -214,11 +210,7 @@ async fn triggers(reg: &Registry) {
     let mut lat = Vec::new();
     for i in 0..300 {
         let before = count(&rx, "/lat");
-        let src = if i % 2 == 0 {
-            format!("app@{da}")
-        } else {
-            format!("app@{db}")
-        };
+        let src = format!("app@{}", if i % 2 == 0 { &da } else { &db });
         let t0 = Instant::now();
         api.tag(&src, "app:latest").await;
         while count(&rx, "/lat") <= before {

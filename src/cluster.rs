@@ -296,14 +296,9 @@ async fn watch_once(
                 st.outbox_since.remove(&key);
             }
         }
-        let new = rec.as_ref().and_then(seen_of);
-        let old = match &new {
-            Some(_) => None,
+        let old = match rec.as_ref().and_then(seen_of) {
+            Some(new) => st.seen.insert(key.clone(), new),
             None => st.seen.remove(&key),
-        };
-        let old = match new {
-            Some(n) => st.seen.insert(key.clone(), n),
-            None => old,
         };
         if let Some(r) = &rec {
             for e in &r.outbox {

@@ -393,12 +393,5 @@ async fn tag(c: &Client, ns: &str, out: Option<&str>, a: TagArgs) -> Result<(), 
             (_, _, None) => println!("Tag {name} set to {source}."),
         }
     }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::Failed(format!(
-            "import failed for {}",
-            failed.join("; ")
-        )))
-    }
+    output::failures("import", &failed)
 }

@@ -127,14 +127,7 @@ pub fn operation(
             }
         }
     }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::Failed(format!(
-            "{verb} failed for {}",
-            failed.join("; ")
-        )))
-    }
+    failures(verb, &failed)
 }
 
 /// `import-image --all`: a line per tag as it is imported, then a summary; exit 1 when any
@@ -179,11 +172,16 @@ pub async fn import_all_progress(
         return Err(CliError::Failed(e));
     }
     println!("{} of {total} tags imported", done - failed.len());
+    failures("import", &failed)
+}
+
+/// Exit 0 when nothing failed, else exit 1 naming each failure.
+pub fn failures(verb: &str, failed: &[String]) -> Result<(), CliError> {
     if failed.is_empty() {
         Ok(())
     } else {
         Err(CliError::Failed(format!(
-            "import failed for {}",
+            "{verb} failed for {}",
             failed.join("; ")
         )))
     }

@@ -156,3 +156,25 @@ fn reference_documents_every_key() {
         "docs/config.md does not document {missing:?}"
     );
 }
+
+#[test]
+fn new_keys_of_the_scale_out_and_hardening_reject_bad_values() {
+    for (text, key) in [
+        (
+            "[[registry]]\nhost = \"r.example\"\ntimeout = \"soon\"\n",
+            "registry[0].timeout",
+        ),
+        (
+            "[[registry]]\nhost = \"r.example\"\ntimeout = \"0s\"\n",
+            "registry[0].timeout",
+        ),
+        ("[nats]\nurl = \"nats://a:4222,::nonsense\"\n", "nats.url"),
+        ("[nats]\nurl = \" , \"\n", "nats.url"),
+        ("[store]\nkind = \"nats\"\n", "store.kind"),
+    ] {
+        let e = load(text).unwrap_err().to_string();
+        assert!(e.starts_with("triggers.toml:") && e.contains(key), "{text:?}: {e}");
+    }
+    let c = load("[nats]\nurl = \"nats://a:4222, nats://b:4222\"\n").unwrap();
+    assert_eq!(crate::bus::server_addrs(&c.nats.unwrap().url).unwrap().len(), 2);
+}

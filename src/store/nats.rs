@@ -109,6 +109,11 @@ pub struct NatsStore {
     outboxes: Mutex<HashMap<String, (u64, Vec<Event>)>>,
     /// Streams whose outbox this replica publishes.
     dirty: Mutex<BTreeSet<String>>,
+    /// The entry this replica last wrote for a stream whose outbox is not yet empty, with its
+    /// revision: the publisher takes the events from here and clears them with a
+    /// compare-and-set on that revision, without reading the entry back (it reads only when
+    /// another write came in between).
+    written: Mutex<HashMap<String, (u64, Record)>>,
     /// `pending_events` sequence → (stream key, event id), until marked published.
     handed_out: Mutex<HashMap<i64, (String, String)>>,
     next_seq: AtomicI64,
@@ -192,19 +197,17 @@ impl NatsStore {
         let deliveries = kv_open(bucket("DELIVERIES", cfg.max_age)).await?;
         let work_name = format!("{}_WORK", cfg.stream);
         let work_subject = format!("{}_work.deliveries", cfg.subject_prefix);
-        let work = js
-            .create_or_update_stream(jetstream::stream::Config {
-                name: work_name.clone(),
-                subjects: vec![work_subject.clone()],
-                retention: jetstream::stream::RetentionPolicy::WorkQueue,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: cfg.replicas,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| backend(&format!("stream {work_name}"), e))?;
-        let _ = work;
+        js.create_or_update_stream(jetstream::stream::Config {
+            name: work_name.clone(),
+            subjects: vec![work_subject.clone()],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| backend(&format!("stream {work_name}"), e))?;
         let stream = js
             .get_stream(&work_name)
             .await
@@ -229,6 +232,7 @@ impl NatsStore {
             consumer,
             outboxes: Mutex::default(),
             dirty: Mutex::default(),
+            written: Mutex::default(),
             handed_out: Mutex::default(),
             next_seq: AtomicI64::new(1),
             inflight: Mutex::default(),
@@ -381,6 +385,9 @@ impl NatsStore {
         self.mark_local(&c.key, rev);
         if has_outbox {
             lock(&self.dirty).insert(c.key.clone());
+            lock(&self.written).insert(c.key.clone(), (rev, rec));
+        } else {
+            lock(&self.written).remove(&c.key);
         }
         Ok(rev as i64)
     }
@@ -393,9 +400,13 @@ impl NatsStore {
             if out.len() >= limit {
                 break;
             }
-            let outbox = match self.read(&key).await? {
-                Some((rec, _)) => rec.outbox,
-                None => Vec::new(),
+            let cached = lock(&self.written).get(&key).map(|(_, r)| r.outbox.clone());
+            let outbox = match cached {
+                Some(outbox) => outbox,
+                None => match self.read(&key).await? {
+                    Some((rec, _)) => rec.outbox,
+                    None => Vec::new(),
+                },
             };
             if outbox.is_empty() {
                 lock(&self.dirty).remove(&key);
@@ -428,8 +439,13 @@ impl NatsStore {
             }
         }
         for (key, ids) in by_key {
+            let mut cached = lock(&self.written).remove(&key);
             for _ in 0..20 {
-                let Some((mut rec, rev)) = self.read(&key).await? else {
+                let current = match cached.take() {
+                    Some((rev, rec)) => Some((rec, rev)),
+                    None => self.read(&key).await?,
+                };
+                let Some((mut rec, rev)) = current else {
                     break;
                 };
                 let before = rec.outbox.len();
@@ -461,6 +477,8 @@ impl NatsStore {
                         self.mark_local(&key, new_rev);
                         if rec.outbox.is_empty() {
                             lock(&self.dirty).remove(&key);
+                        } else {
+                            lock(&self.written).insert(key.clone(), (new_rev, rec));
                         }
                         break;
                     }

@@ -253,6 +253,23 @@ impl Pusher {
         }
     }
 
+    /// PUT that the registry must answer with 201 Created.
+    async fn put_created(&self, url: String, content_type: &str, body: &[u8], what: &str) {
+        let r = self
+            .req(reqwest::Method::PUT, url)
+            .header("content-type", content_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            201,
+            "{what}: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
     pub async fn blob(&self, repo: &str, data: &[u8]) -> String {
         let d = sha256(data);
         let url = format!("http://{}/v2/{repo}/blobs/uploads/", self.host);
@@ -265,19 +282,13 @@ impl Pusher {
             loc
         };
         let sep = if loc.contains('?') { '&' } else { '?' };
-        let r = self
-            .req(reqwest::Method::PUT, format!("{loc}{sep}digest={d}"))
-            .header("content-type", "application/octet-stream")
-            .body(data.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status().as_u16(),
-            201,
-            "blob upload to {repo}: {}",
-            r.text().await.unwrap_or_default()
-        );
+        self.put_created(
+            format!("{loc}{sep}digest={d}"),
+            "application/octet-stream",
+            data,
+            &format!("blob upload to {repo}"),
+        )
+        .await;
         d
     }
 
@@ -289,19 +300,13 @@ impl Pusher {
         body: &[u8],
     ) -> String {
         let url = format!("http://{}/v2/{repo}/manifests/{reference}", self.host);
-        let r = self
-            .req(reqwest::Method::PUT, url)
-            .header("content-type", media_type)
-            .body(body.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status().as_u16(),
-            201,
-            "manifest PUT {repo}:{reference}: {}",
-            r.text().await.unwrap_or_default()
-        );
+        self.put_created(
+            url,
+            media_type,
+            body,
+            &format!("manifest PUT {repo}:{reference}"),
+        )
+        .await;
         sha256(body)
     }
 
