@@ -152,20 +152,33 @@ fn is_alnum_lower(c: u8) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit()
 }
 
+/// `host[:port]` as `distribution/reference` takes it: DNS labels (any case) or an IPv6 literal
+/// in brackets (hex digits and colons only, as upstream: no zone, no embedded IPv4).
 fn is_registry_host(s: &str) -> bool {
-    let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || s.starts_with('[') => (h, Some(p)),
-        _ => (s, None),
+    let (host, port) = if s.starts_with('[') {
+        let Some(end) = s.find(']') else {
+            return false;
+        };
+        let (h, rest) = s.split_at(end + 1);
+        match rest.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if rest.is_empty() => (h, None),
+            None => return false,
+        }
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
     };
     if let Some(p) = port
         && (p.is_empty() || p.len() > 5 || !p.bytes().all(|c| c.is_ascii_digit()))
     {
         return false;
     }
-    if host.starts_with('[') && host.ends_with(']') {
-        return host[1..host.len() - 1]
-            .parse::<std::net::Ipv6Addr>()
-            .is_ok();
+    if let Some(addr) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return addr.bytes().all(|c| c.is_ascii_hexdigit() || c == b':')
+            && addr.parse::<std::net::Ipv6Addr>().is_ok();
     }
     !host.is_empty()
         && host.split('.').all(|label| {
@@ -178,6 +191,11 @@ fn is_registry_host(s: &str) -> bool {
         })
 }
 
+/// The first `n` characters of `s` (never splits a character).
+fn prefix_chars(s: &str, n: usize) -> &str {
+    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
+}
+
 impl ImageRef {
     /// Parses `[registry/]repo[:tag][@digest]` with docker normalisation.
     pub fn parse(input: &str) -> Result<ImageRef, RefError> {
@@ -187,7 +205,18 @@ impl ImageRef {
             return Err(err(W, input, "empty"));
         }
         if s.len() > 4096 {
-            return Err(err(W, &input[..64], "longer than 4096 characters"));
+            return Err(err(
+                W,
+                &format!("{}...", prefix_chars(input, 64)),
+                "longer than 4096 characters",
+            ));
+        }
+        if s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(err(
+                W,
+                input,
+                "64 hexadecimal characters read as an image id, not a repository",
+            ));
         }
         if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(err(W, input, "contains whitespace"));
@@ -201,7 +230,14 @@ impl ImageRef {
             None => (rest, None),
         };
         let (mut registry, path) = match remainder {
-            Some(r) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            // Upstream's rule: a host has a '.' or ':', is localhost, or has an upper-case
+            // letter (repository names cannot).
+            Some(r)
+                if first.contains('.')
+                    || first.contains(':')
+                    || first == "localhost"
+                    || first.bytes().any(|c| c.is_ascii_uppercase()) =>
+            {
                 (first.to_string(), r)
             }
             _ => (DOCKER_HUB.to_string(), rest),
@@ -513,6 +549,49 @@ mod tests {
         let long = "a".repeat(250);
         assert!(ImageRef::parse(&long).is_err(), "library/ + 250 > 255");
         assert!(ImageRef::parse(&format!("team/{}", "a".repeat(250))).is_ok());
+    }
+
+    /// Every input of `distribution/reference`'s own test tables (normalize_test.go and
+    /// reference_test.go, commit in the fixture's header) parses as upstream's
+    /// `ParseNormalizedNamed` does, except where SPEC section 1 differs on purpose.
+    #[test]
+    fn agrees_with_distribution_reference_tables() {
+        let table = include_str!("../../tests/fixtures/reference/distribution-reference.tsv");
+        // SPEC accepts sha512 digests; upstream's tests register sha256 only.
+        let deliberate = |input: &str| input.contains("@sha512:");
+        let (mut agreed, mut differ, mut failures) = (0, 0, Vec::new());
+        for line in table.lines().filter(|l| !l.starts_with('#')) {
+            let cols: Vec<&str> = line.split('\t').collect();
+            let input = cols[0];
+            let got = ImageRef::parse(input);
+            let expected = (cols[1] != "!").then(|| (cols[1], cols[2], cols[3]));
+            let same = match (&got, expected) {
+                (Err(_), None) => true,
+                (Ok(r), Some((name, tag, digest))) => {
+                    format!("{}/{}", r.registry, r.repository) == name
+                        && (tag.is_empty() || r.tag.as_deref() == Some(tag))
+                        && r.digest.as_ref().map_or("", |d| d.as_str()) == digest
+                }
+                _ => false,
+            };
+            match (same, deliberate(input)) {
+                (true, false) => agreed += 1,
+                (false, true) => differ += 1,
+                (true, true) => failures.push(format!("{input}: no longer differs")),
+                (false, false) => {
+                    failures.push(format!("{input}: got {got:?}, upstream {expected:?}"))
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        assert_eq!((agreed, differ), (195, 1));
+    }
+
+    /// Issue 15: an over-long reference whose 64th byte falls inside a character.
+    #[test]
+    fn overlong_multibyte_reference_is_an_error() {
+        let e = ImageRef::parse(&"\u{20ac}".repeat(1400)).unwrap_err();
+        assert!(e.why.contains("longer than 4096"), "{e}");
     }
 
     #[test]
