@@ -144,6 +144,8 @@ pub struct RegistryConfig {
     pub internal: bool,
     /// Whole-request limit (connect, headers, body): a registry that trickles gives up.
     pub timeout: Duration,
+    /// Where this host's requests go instead (a mirror or pull-through cache).
+    pub endpoint: Option<crate::registry::Endpoint>,
 }
 
 #[derive(Debug, Clone)]
@@ -660,8 +662,16 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         if timeout.is_zero() {
             return Err(loc.err(&p("timeout"), "must be more than 0"));
         }
+        let endpoint = match &r.endpoint {
+            Some(e) => Some(crate::registry::Endpoint::parse(e).map_err(|why| {
+                loc.err(&p("endpoint"), format!("\"{e}\" {why}"))
+            })?),
+            None => None,
+        };
         registries.push(RegistryConfig {
-            host: r.host.clone(),
+            // Docker Hub's aliases are one registry (SPEC 1), as references normalise them.
+            host: crate::model::reference::canonical_host(&r.host).to_string(),
+            endpoint,
             insecure: r.insecure.unwrap_or(false),
             username: r.username.clone(),
             password,

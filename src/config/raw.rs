@@ -136,6 +136,7 @@ pub struct Registry {
     pub max_concurrency: Option<usize>,
     pub internal: Option<bool>,
     pub timeout: Option<String>,
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

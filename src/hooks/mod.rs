@@ -96,7 +96,12 @@ pub async fn handle(
         .into_response();
     }
     let pushes = match parse::parse(&source, &body) {
-        Ok(p) => p,
+        Ok(p) => {
+            for why in &p.skipped {
+                tracing::warn!(source = %source, reason = %why, "hook event skipped; the others are handled");
+            }
+            p.pushes
+        }
         Err(e) => {
             crate::metrics::hook(&source, "malformed");
             return ApiError(StatusCode::BAD_REQUEST, format!("/hooks/{source}: {e}"))

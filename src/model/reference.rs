@@ -124,7 +124,7 @@ fn is_tag(s: &str) -> bool {
 }
 
 /// One repository path component: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
-fn is_path_component(s: &str) -> bool {
+pub(crate) fn is_path_component(s: &str) -> bool {
     let b = s.as_bytes();
     if b.is_empty() || !is_alnum_lower(b[0]) || !is_alnum_lower(b[b.len() - 1]) {
         return false;
@@ -154,7 +154,7 @@ fn is_alnum_lower(c: u8) -> bool {
 
 /// `host[:port]` as `distribution/reference` takes it: DNS labels (any case) or an IPv6 literal
 /// in brackets (hex digits and colons only, as upstream: no zone, no embedded IPv4).
-fn is_registry_host(s: &str) -> bool {
+pub(crate) fn is_registry_host(s: &str) -> bool {
     let (host, port) = if s.starts_with('[') {
         let Some(end) = s.find(']') else {
             return false;
@@ -189,6 +189,14 @@ fn is_registry_host(s: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+}
+
+/// Docker Hub's names (`index.docker.io`, `registry-1.docker.io`) are `docker.io`.
+pub fn canonical_host(host: &str) -> &str {
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB,
+        h => h,
+    }
 }
 
 /// The first `n` characters of `s` (never splits a character).
@@ -249,9 +257,7 @@ impl ImageRef {
                 format!("\"{registry}\" is not a registry host"),
             ));
         }
-        if registry == "index.docker.io" || registry == "registry-1.docker.io" {
-            registry = DOCKER_HUB.to_string();
-        }
+        registry = canonical_host(&registry).to_string();
         let last_slash = path.rfind('/').map(|i| i + 1).unwrap_or(0);
         let (repo, tag) = match path[last_slash..].rfind(':') {
             Some(i) => (&path[..last_slash + i], Some(&path[last_slash + i + 1..])),

@@ -51,6 +51,7 @@ fn from_docker_config(path: &std::path::Path, host: &str) -> Option<Credentials>
             "https://index.docker.io/v1/".into(),
             "docker.io".into(),
             "index.docker.io".into(),
+            "registry-1.docker.io".into(),
         ]
     } else {
         vec![

@@ -112,8 +112,91 @@ pub struct RegistryClient {
     tokens: auth::TokenCache,
 }
 
+/// Where a registry host's API is reached: the host itself, Docker Hub's API host for
+/// `docker.io`, or a `[[registry]] endpoint` (a mirror or pull-through cache). Only requests
+/// use it; references, pull specs, events, credentials and error messages keep the host's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Set when the endpoint URL names it; otherwise HTTPS, or as `insecure` finds out.
+    scheme: Option<&'static str>,
+    authority: String,
+    /// Repository prefix (`dockerhub-proxy/`) for proxies that serve a registry under a path,
+    /// as Harbor's proxy-cache projects and Artifactory's remote repositories do.
+    prefix: String,
+    /// False for a configured endpoint; true for the implied one (the host, or Docker Hub's).
+    implied: bool,
+}
+
+/// Docker Hub's registry API; `docker.io/v2/` itself redirects to the web site.
+const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
+impl Endpoint {
+    /// `http[s]://host[:port][/repository/prefix]`.
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        let (scheme, rest) = if let Some(r) = s.strip_prefix("https://") {
+            ("https", r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            ("http", r)
+        } else {
+            return Err("must start with https:// or http://".into());
+        };
+        let rest = rest.trim_end_matches('/');
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if !crate::model::reference::is_registry_host(authority) {
+            return Err(format!("has no valid host[:port] (\"{authority}\")"));
+        }
+        if path == "v2" || path.starts_with("v2/") {
+            return Err("must be the registry's base URL, without /v2/".into());
+        }
+        if !path.is_empty()
+            && !path
+                .split('/')
+                .all(crate::model::reference::is_path_component)
+        {
+            return Err(format!(
+                "path \"{path}\" is not a repository prefix (lowercase components)"
+            ));
+        }
+        Ok(Endpoint {
+            scheme: Some(scheme),
+            authority: authority.to_string(),
+            prefix: if path.is_empty() {
+                String::new()
+            } else {
+                format!("{path}/")
+            },
+            implied: false,
+        })
+    }
+
+    fn implied(host: &str) -> Endpoint {
+        Endpoint {
+            scheme: None,
+            authority: if host == "docker.io" {
+                DOCKER_HUB_API
+            } else {
+                host
+            }
+            .to_string(),
+            prefix: String::new(),
+            implied: true,
+        }
+    }
+
+    /// The URL of `/v2/<repository><rest>` at this endpoint, for a scheme.
+    fn url(&self, scheme: &str, path_and_query: &str) -> String {
+        format!("{scheme}://{}{}", self.authority, path_and_query)
+    }
+
+    /// The repository name as the endpoint knows it.
+    fn repository(&self, repository: &str) -> String {
+        format!("{}{}", self.prefix, repository)
+    }
+}
+
 pub struct Host {
     name: String,
+    endpoint: Endpoint,
     budget: HostBudget,
     /// Scheme learned for an insecure host: None until the first answer.
     scheme: Mutex<Option<&'static str>>,
@@ -133,15 +216,29 @@ impl RegistryClient {
         c
     }
 
-    fn check_allowed(&self, host: &str) -> Result<(), RegistryError> {
-        match &self.allowed {
-            Some(list) if !crate::config::host_allowed(list, host) => {
-                Err(RegistryError::Unsupported {
-                    what: host.to_string(),
-                    detail: "registry not in [server] allowed_registries".into(),
-                })
-            }
-            _ => Ok(()),
+    /// `allowed_registries` names what may be contacted: a configured endpoint's host, or
+    /// the registry itself (Docker Hub's API host counts as `docker.io`).
+    fn check_allowed(&self, host: &Host) -> Result<(), RegistryError> {
+        let Some(list) = &self.allowed else {
+            return Ok(());
+        };
+        let ep = &host.endpoint;
+        let ok = crate::config::host_allowed(list, &ep.authority)
+            || (ep.implied && crate::config::host_allowed(list, &host.name));
+        if ok {
+            Ok(())
+        } else {
+            Err(RegistryError::Unsupported {
+                what: host.name.clone(),
+                detail: if ep.implied {
+                    "registry not in [server] allowed_registries".into()
+                } else {
+                    format!(
+                        "its endpoint {} is not in [server] allowed_registries",
+                        ep.authority
+                    )
+                },
+            })
         }
     }
 
@@ -190,6 +287,9 @@ impl RegistryClient {
                     .unwrap_or((20.0, 8));
                 Arc::new(Host {
                     name: name.to_string(),
+                    endpoint: cfg
+                        .and_then(|c| c.endpoint.clone())
+                        .unwrap_or_else(|| Endpoint::implied(name)),
                     budget: HostBudget::new(rps, conc),
                     scheme: Mutex::new(None),
                     creds: credentials::lookup(name, cfg),
@@ -212,11 +312,15 @@ impl RegistryClient {
         r: &ImageRef,
         opts: Options<'_>,
     ) -> Result<Resolved, RegistryError> {
-        self.check_allowed(&r.registry)?;
         let host = self.host(&r.registry);
+        self.check_allowed(&host)?;
         let reference = r.manifest_reference();
         let what = format!("{}/{}:{}", r.registry, r.repository, reference);
-        let path = format!("/v2/{}/manifests/{}", r.repository, reference);
+        let path = format!(
+            "/v2/{}/manifests/{}",
+            host.endpoint.repository(&r.repository),
+            reference
+        );
         if let Some(platform) = opts.platform {
             let reply = self
                 .send(&host, r, Method::GET, &path, opts.insecure, None, &what)
@@ -287,10 +391,13 @@ impl RegistryClient {
         r: &ImageRef,
         insecure: bool,
     ) -> Result<Vec<String>, RegistryError> {
-        self.check_allowed(&r.registry)?;
         let host = self.host(&r.registry);
+        self.check_allowed(&host)?;
         let what = format!("{}/{} tags", r.registry, r.repository);
-        let mut path = format!("/v2/{}/tags/list?n=1000", r.repository);
+        let mut path = format!(
+            "/v2/{}/tags/list?n=1000",
+            host.endpoint.repository(&r.repository)
+        );
         let mut tags = Vec::new();
         for _page in 0..1000 {
             let reply = self
@@ -331,20 +438,27 @@ impl RegistryClient {
         what: &str,
     ) -> Result<Reply, RegistryError> {
         // Like docker, a registry on a loopback address may speak plain HTTP without opt-in.
-        let insecure = insecure || host.insecure || is_loopback(&host.name);
-        let scope = format!("repository:{}:pull", r.repository);
+        let insecure = insecure || host.insecure || is_loopback(&host.endpoint.authority);
+        let scope = format!(
+            "repository:{}:pull",
+            host.endpoint.repository(&r.repository)
+        );
         let mut authorization: Option<String> = self.tokens.get(&host.name, &scope);
         let mut tried_challenge = false;
         let mut tried_fallback = false;
         loop {
             let _permit = host.budget.acquire().await;
-            let scheme = if insecure { host.scheme() } else { "https" };
+            let scheme = match host.endpoint.scheme {
+                Some(s) => s,
+                None if insecure => host.scheme(),
+                None => "https",
+            };
             let client = if insecure {
                 &self.http_insecure
             } else {
                 &self.http
             };
-            let url = format!("{scheme}://{}{}", host.name, path_and_query);
+            let url = host.endpoint.url(scheme, path_and_query);
             let mut req = client
                 .request(method.clone(), &url)
                 .timeout(host.timeout)
@@ -358,7 +472,12 @@ impl RegistryClient {
             let resp = match req.send().await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    if insecure && scheme == "https" && !tried_fallback && !e.is_timeout() {
+                    if insecure
+                        && host.endpoint.scheme.is_none()
+                        && scheme == "https"
+                        && !tried_fallback
+                        && !e.is_timeout()
+                    {
                         // The first answer of an insecure host decides its scheme.
                         tried_fallback = true;
                         host.set_scheme("http");
@@ -794,5 +913,44 @@ mod tests {
         assert!(is_loopback("localhost"));
         assert!(is_loopback("[::1]:5000"));
         assert!(!is_loopback("registry.example.com:5000"));
+    }
+
+    /// Docker Hub's API is at registry-1.docker.io (docker.io/v2/ redirects to the web site).
+    #[test]
+    fn docker_hub_requests_go_to_its_api_host() {
+        let r = ImageRef::parse("python:3.12").unwrap();
+        let ep = Endpoint::implied(&r.registry);
+        let path = format!(
+            "/v2/{}/manifests/{}",
+            ep.repository(&r.repository),
+            r.manifest_reference()
+        );
+        assert_eq!(
+            ep.url("https", &path),
+            "https://registry-1.docker.io/v2/library/python/manifests/3.12"
+        );
+        let other = Endpoint::implied("quay.io");
+        assert_eq!(other.url("https", "/v2/"), "https://quay.io/v2/");
+    }
+
+    #[test]
+    fn endpoints_parse_and_refuse() {
+        let ep = Endpoint::parse("https://harbor.corp.example/dockerhub-proxy/").unwrap();
+        assert_eq!(ep.scheme, Some("https"));
+        assert_eq!(ep.authority, "harbor.corp.example");
+        assert_eq!(ep.repository("library/python"), "dockerhub-proxy/library/python");
+        let ep = Endpoint::parse("http://127.0.0.1:5000").unwrap();
+        assert_eq!(ep.url("http", "/v2/a/tags/list"), "http://127.0.0.1:5000/v2/a/tags/list");
+        assert_eq!(ep.repository("a"), "a");
+        for bad in [
+            "mirror.example.com",
+            "ftp://mirror.example.com",
+            "https://",
+            "https://mirror.example.com/v2/",
+            "https://mirror.example.com/Proxy",
+            "https://bad host",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
     }
 }
