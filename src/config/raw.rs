@@ -195,6 +195,7 @@ pub struct Webhook {
     pub body_template: Option<String>,
     pub signature_header: Option<String>,
     pub timeout: Option<String>,
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -173,8 +173,16 @@ fn new_keys_of_the_scale_out_and_hardening_reject_bad_values() {
         ("[store]\nkind = \"nats\"\n", "store.kind"),
     ] {
         let e = load(text).unwrap_err().to_string();
-        assert!(e.starts_with("triggers.toml:") && e.contains(key), "{text:?}: {e}");
+        assert!(
+            e.starts_with("triggers.toml:") && e.contains(key),
+            "{text:?}: {e}"
+        );
     }
     let c = load("[nats]\nurl = \"nats://a:4222, nats://b:4222\"\n").unwrap();
-    assert_eq!(crate::bus::server_addrs(&c.nats.unwrap().url).unwrap().len(), 2);
+    assert_eq!(
+        crate::bus::server_addrs(&c.nats.unwrap().url)
+            .unwrap()
+            .len(),
+        2
+    );
 }

@@ -196,8 +196,8 @@ fn harbor(body: &[u8]) -> Result<Vec<Item>, String> {
         let tag = r.tag.unwrap_or_default();
         // Pushed by digest: Harbor puts the digest in `tag` and `@digest` in resource_url.
         // No tag was pushed, so there is nothing to re-check.
-        let by_digest = tag.contains(':')
-            || r.resource_url.as_deref().is_some_and(|u| u.contains('@'));
+        let by_digest =
+            tag.contains(':') || r.resource_url.as_deref().is_some_and(|u| u.contains('@'));
         if tag.is_empty() || by_digest {
             continue;
         }

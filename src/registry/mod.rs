@@ -938,9 +938,15 @@ mod tests {
         let ep = Endpoint::parse("https://harbor.corp.example/dockerhub-proxy/").unwrap();
         assert_eq!(ep.scheme, Some("https"));
         assert_eq!(ep.authority, "harbor.corp.example");
-        assert_eq!(ep.repository("library/python"), "dockerhub-proxy/library/python");
+        assert_eq!(
+            ep.repository("library/python"),
+            "dockerhub-proxy/library/python"
+        );
         let ep = Endpoint::parse("http://127.0.0.1:5000").unwrap();
-        assert_eq!(ep.url("http", "/v2/a/tags/list"), "http://127.0.0.1:5000/v2/a/tags/list");
+        assert_eq!(
+            ep.url("http", "/v2/a/tags/list"),
+            "http://127.0.0.1:5000/v2/a/tags/list"
+        );
         assert_eq!(ep.repository("a"), "a");
         for bad in [
             "mirror.example.com",

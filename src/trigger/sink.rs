@@ -73,6 +73,25 @@ fn join(base: &reqwest::Url, path: &str) -> Result<reqwest::Url, SinkError> {
     reqwest::Url::parse(&s).map_err(|e| SinkError::Build(format!("{s}: {e}")))
 }
 
+/// The event's attributes as binary-mode headers, values percent-encoded as the binding says
+/// (space, `"`, `%` and anything outside printable ASCII).
+fn ce_headers(e: &Event) -> [(&'static str, String); 6] {
+    use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+    const CE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%').add(0x7f);
+    let enc = |s: &str| utf8_percent_encode(s, CE).to_string();
+    [
+        ("ce-specversion", enc(&e.specversion)),
+        ("ce-id", enc(&e.id)),
+        ("ce-source", enc(&e.source)),
+        ("ce-type", enc(&e.kind)),
+        ("ce-subject", enc(&e.subject)),
+        (
+            "ce-time",
+            e.time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        ),
+    ]
+}
+
 pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Result<(), SinkError> {
     let d = &e.data;
     let digest = d.digest.clone().unwrap_or_default();
@@ -85,18 +104,38 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
             headers,
             body_template,
             signature_header,
+            binary,
         } => {
-            let (body, ctype) = match body_template {
-                Some(tpl) => (
+            // The CloudEvents HTTP binding: structured mode is `application/cloudevents+json`;
+            // binary mode sends the data as the body and the attributes as `ce-*` headers.
+            let json =
+                |r: serde_json::Result<String>| r.map_err(|x| SinkError::Build(x.to_string()));
+            let (body, ctype) = match (body_template, binary) {
+                (Some(tpl), _) => (
                     super::template::render(tpl, e).map_err(SinkError::Build)?,
                     "application/json",
                 ),
-                None => (
-                    serde_json::to_string(e).map_err(|x| SinkError::Build(x.to_string()))?,
-                    "application/json",
+                (None, true) => (
+                    json(serde_json::to_string(&e.data))?,
+                    e.datacontenttype.as_str(),
+                ),
+                (None, false) => (
+                    json(serde_json::to_string(e))?,
+                    "application/cloudevents+json",
                 ),
             };
-            let mut req = http.post(url.clone()).header(header::CONTENT_TYPE, ctype);
+            let mut req = http.post(url.clone());
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                req = req.header(header::CONTENT_TYPE, ctype);
+            }
+            if *binary && body_template.is_none() {
+                for (k, v) in ce_headers(e) {
+                    req = req.header(k, v);
+                }
+            }
             for (k, v) in headers {
                 req = req.header(k.as_str(), v.as_str());
             }

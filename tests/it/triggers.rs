@@ -78,6 +78,11 @@ jenkins = {{ job_url = \"{u}/job/app\", user = \"bot\", token_env = \"T_JK\" }}
     };
 
     let w = by("/hooks/app");
+    assert_eq!(
+        w.header("content-type").as_deref(),
+        Some("application/cloudevents+json"),
+        "structured mode of the CloudEvents HTTP binding"
+    );
     let ce = w.json();
     assert_eq!(ce["specversion"], "1.0");
     assert_eq!(ce["type"], "io.istream.tag.changed");
@@ -160,6 +165,120 @@ jenkins = {{ job_url = \"{u}/job/app\", user = \"bot\", token_env = \"T_JK\" }}
     ] {
         assert!(!e.log.text().contains(s), "secret {s} in the log");
     }
+}
+
+/// Both modes of the CloudEvents HTTP binding, read back by the CloudEvents SDK for Python.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_follow_the_cloudevents_http_binding() {
+    let reg = Registry::start();
+    let d1 = Pusher::new(&reg.host).image("team/ce", "latest", "1").await;
+    let rx = Receiver::start().await;
+    let u = &rx.url;
+    let e = Engine::start(&format!(
+        "{FAST}
+[[trigger]]
+name = \"structured\"
+on = [\"ce:latest\"]
+webhook = {{ url = \"{u}/structured\" }}
+
+[[trigger]]
+name = \"binary\"
+on = [\"ce:latest\"]
+webhook = {{ url = \"{u}/binary\", mode = \"binary\" }}
+
+[[trigger]]
+name = \"templated\"
+on = [\"ce:latest\"]
+webhook = {{ url = \"{u}/templated\", body_template = '{{\"d\": \"{{{{ data.digest }}}}\"}}' }}
+"
+    ));
+    e.import_new("ce", &format!("{}/team/ce", reg.host));
+    let reqs = rx.wait_requests(3).await;
+    let by = |p: &str| reqs.iter().find(|r| r.path == p).unwrap().clone();
+    let (st, bin, tpl) = (by("/structured"), by("/binary"), by("/templated"));
+    let id = e.istag("ce:latest").unwrap()["history"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    assert_eq!(
+        st.header("content-type").as_deref(),
+        Some("application/cloudevents+json")
+    );
+    assert_eq!(
+        bin.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(bin.header("ce-specversion").as_deref(), Some("1.0"));
+    assert_eq!(bin.header("ce-id").as_deref(), Some(id.as_str()));
+    assert_eq!(
+        bin.header("ce-type").as_deref(),
+        Some("io.istream.tag.changed")
+    );
+    assert_eq!(
+        bin.header("ce-subject").as_deref(),
+        Some("default/ce:latest")
+    );
+    assert!(bin.header("ce-source").unwrap().starts_with("istream://"));
+    assert!(bin.header("ce-time").is_some());
+    assert_eq!(bin.json()["digest"], d1.as_str(), "binary body is the data");
+    assert_eq!(
+        tpl.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(tpl.json()["d"], d1.as_str());
+
+    use base64::Engine as _;
+    let lines: String = [&st, &bin]
+        .iter()
+        .map(|r| {
+            let headers: serde_json::Map<String, serde_json::Value> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().into()))
+                .collect();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&r.body);
+            serde_json::json!({"headers": headers, "body": b64}).to_string() + "\n"
+        })
+        .collect();
+    let mut child = std::process::Command::new(venv_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/cloudevents_check.py"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(read.len(), 2);
+    for r in &read {
+        assert_eq!(r["attributes"]["id"], id.as_str(), "{r}");
+        assert_eq!(r["attributes"]["type"], "io.istream.tag.changed");
+        assert_eq!(r["attributes"]["specversion"], "1.0");
+        assert_eq!(r["attributes"]["subject"], "default/ce:latest");
+        assert_eq!(r["data"]["digest"], d1.as_str(), "{r}");
+        assert_eq!(r["data"]["tag"], "latest");
+    }
+    assert_eq!(read[0]["attributes"]["time"], read[1]["attributes"]["time"]);
 }
 
 async fn trigger_json(e: &Engine, name: &str) -> serde_json::Value {

@@ -603,6 +603,20 @@ pub fn expect_code(o: &Output, code: i32) {
     );
 }
 
+/// The Python of the test venv (scripts/test.sh installs it with the `cloudevents` package):
+/// an independent implementation to check what the engine sends.
+pub fn venv_python() -> PathBuf {
+    let p = std::env::var_os("ISTREAM_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} missing: run ./scripts/test.sh, which makes the test venv",
+        p.display()
+    );
+    p
+}
+
 /// `nats-server` >= 2.10: `$ISTREAM_TEST_NATS`, else the one scripts/test.sh installs.
 pub fn nats_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ISTREAM_TEST_NATS") {
