@@ -9,6 +9,7 @@ mod cluster;
 mod events;
 mod hooks;
 mod ops;
+mod registries;
 mod scheduler;
 mod triggers;
 mod walkthrough;

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader};
