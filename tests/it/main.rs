@@ -12,4 +12,5 @@ mod ops;
 mod registries;
 mod scheduler;
 mod triggers;
+mod upgrade;
 mod walkthrough;
