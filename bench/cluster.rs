@@ -31,6 +31,7 @@ async fn per_change(store: Store, n: usize) -> (f64, f64, f64) {
             expected_rev: None,
             doc: Some(doc),
             events: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -58,6 +59,7 @@ async fn per_change(store: Store, n: usize) -> (f64, f64, f64) {
                 expected_rev: Some(rev),
                 doc: Some(doc),
                 events: vec![event],
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -127,6 +127,7 @@ async fn build(db: &str, host: &str, n: usize, digest: &str) {
                 expected_rev: None,
                 doc: Some(doc),
                 events: vec![],
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -23,6 +23,7 @@ use crate::config::Schedule;
 use crate::core::view;
 use crate::core::{Engine, SpecChange};
 use crate::model::{Cause, Digest, ImageStream, StreamName, StreamTagRef, TagSpec};
+use crate::store::Scope;
 
 /// Checks completed since start, for benchmarks and `/metrics`.
 pub static CHECKS: AtomicU64 = AtomicU64::new(0);
@@ -199,9 +200,9 @@ impl Scheduler {
         match self.engine.store.keys().await {
             Ok(keys) => {
                 for k in keys {
-                    match self.engine.store.get(&k).await {
-                        Ok(Some((s, _))) => {
-                            self.load_stream(&s, true);
+                    match self.engine.store.load(&k, Scope::Heads).await {
+                        Ok(Some(l)) => {
+                            self.load_stream(&l.doc, true);
                         }
                         Ok(None) => {}
                         Err(e) => {
@@ -263,8 +264,8 @@ impl Scheduler {
         let Some((ns, name)) = stream_key.split_once('/') else {
             return;
         };
-        let doc = match self.engine.store.get(stream_key).await {
-            Ok(d) => d.map(|(d, _)| d),
+        let doc = match self.engine.store.load(stream_key, Scope::Heads).await {
+            Ok(d) => d.map(|l| l.doc),
             Err(e) => {
                 tracing::warn!(stream = stream_key, error = %e, "scheduler cannot re-read stream");
                 return;

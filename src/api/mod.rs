@@ -332,7 +332,7 @@ async fn get_tag(
 }
 
 async fn tag_view(s: &AppState, t: &StreamTagRef) -> ApiResult<TagView> {
-    let stream = s.engine.get_stream(&t.stream).await.map_err(|e| match e {
+    let stream = s.engine.get_tag(t).await.map_err(|e| match e {
         CoreError::NotFound(_) => ApiError(
             StatusCode::NOT_FOUND,
             format!(

@@ -36,6 +36,8 @@ pub struct Config {
     pub streams: Vec<DeclaredStream>,
     pub triggers: Vec<TriggerConfig>,
     pub delivery: DeliveryConfig,
+    /// `[history] max_entries`: newest entries kept per tag (0: all, as OpenShift keeps).
+    pub history_max_entries: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -1030,6 +1032,7 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         streams,
         triggers,
         delivery,
+        history_max_entries: raw.history.max_entries.unwrap_or(0),
     })
 }
 

@@ -27,6 +27,14 @@ pub struct Raw {
     pub trigger: Vec<Trigger>,
     #[serde(default)]
     pub delivery: Delivery,
+    #[serde(default)]
+    pub history: History,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct History {
+    pub max_entries: Option<usize>,
 }
 
 impl Raw {

@@ -19,7 +19,7 @@ use crate::model::{
     StreamName, StreamTagRef, TagFrom, TagSpec,
 };
 use crate::registry::{Options, RegistryClient, RegistryError, Resolved};
-use crate::store::{Commit, Store, StoreError};
+use crate::store::{Commit, Scope, Store, StoreError, TagWrite};
 
 /// Errors of the API operations. Import failures are not errors: they are outcomes recorded on
 /// the tag. `BadRequest` is the caller's fault (HTTP 400), `NotFound` 404, `Conflict` 409.
@@ -104,6 +104,8 @@ pub struct Engine {
     pub registry: Arc<RegistryClient>,
     pub instance: String,
     pub max_import_all: usize,
+    /// `[history] max_entries` (0: keep all).
+    pub max_history: usize,
     /// Committed events, for `watch` and in-process subscribers. Lagging receivers lose
     /// events; the outbox is the durable path.
     pub events: broadcast::Sender<Event>,
@@ -112,29 +114,91 @@ pub struct Engine {
     /// Tags whose current image changed, for the trigger planner.
     pub changed_tags: mpsc::UnboundedSender<String>,
     pub spec_changes: mpsc::UnboundedSender<SpecChange>,
-    /// `registry/repository:tag` -> keys of the streams with a tag tracking it, so a push
-    /// finds its tags without reading every stream. Built on first use, kept by `mutate`; it
-    /// may hold stale extras (every hit is checked against the document), never misses.
-    tracking: std::sync::Mutex<Option<std::collections::HashMap<String, BTreeSet<String>>>>,
+    /// `registry/repository:tag` -> (stream key, tag) of the tags tracking it, so a push
+    /// finds its tags without reading any stream whole. Built on first use, kept by `mutate`;
+    /// it may hold stale extras (every hit is checked against the tag), never misses.
+    tracking:
+        std::sync::Mutex<Option<std::collections::HashMap<String, BTreeSet<(String, String)>>>>,
     /// Set when replicas share a JetStream store: decides which tags this replica polls.
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
-/// The external references a stream's tags track by tag (digest references never move).
-fn tracked_refs(s: &ImageStream) -> Vec<String> {
+/// The external references a stream's tags track by tag (digest references never move),
+/// with the tag tracking each.
+fn tracked_refs(s: &ImageStream) -> Vec<(String, String)> {
     s.tags
-        .values()
-        .filter_map(|t| match &t.spec.from {
-            TagFrom::Image(r) => ImageRef::parse(r).ok(),
+        .iter()
+        .filter_map(|(name, t)| match &t.spec.from {
+            TagFrom::Image(r) => ImageRef::parse(r).ok().map(|r| (name, r)),
             _ => None,
         })
-        .filter(|r| r.digest.is_none())
-        .filter_map(|r| {
+        .filter(|(_, r)| r.digest.is_none())
+        .filter_map(|(name, r)| {
             r.tag
                 .as_ref()
-                .map(|t| format!("{}/{}:{t}", r.registry, r.repository))
+                .map(|t| (format!("{}/{}:{t}", r.registry, r.repository), name.clone()))
         })
         .collect()
+}
+
+/// Keeps the newest `max` history entries of the tags a change touched (0: all).
+fn trim_histories(before: Option<&ImageStream>, after: &mut ImageStream, max: usize) {
+    if max == 0 {
+        return;
+    }
+    for (name, t) in after.tags.iter_mut() {
+        if before.and_then(|b| b.tags.get(name)) != Some(t) {
+            t.history.truncate(max);
+        }
+    }
+}
+
+/// What a change did to each tag, for stores that keep tags apart: the tags that differ,
+/// with the history entries they gained and the current entry when it was rewritten in place.
+fn tag_writes(
+    before: Option<&ImageStream>,
+    after: &ImageStream,
+    revs: &BTreeMap<String, i64>,
+) -> Vec<TagWrite> {
+    let none = BTreeMap::new();
+    let old_tags = before.map_or(&none, |b| &b.tags);
+    let mut out = Vec::new();
+    for (name, t) in &after.tags {
+        let old = old_tags.get(name);
+        if old == Some(t) {
+            continue;
+        }
+        let known: BTreeSet<&str> = old
+            .map(|o| o.history.iter().map(|h| h.id.as_str()).collect())
+            .unwrap_or_default();
+        let new_entries = t
+            .history
+            .iter()
+            .take_while(|h| !known.contains(h.id.as_str()))
+            .cloned()
+            .collect();
+        let head_update = old
+            .and_then(|o| o.history.first())
+            .and_then(|oh| t.history.iter().find(|h| h.id == oh.id && *h != oh))
+            .cloned();
+        out.push(TagWrite {
+            name: name.clone(),
+            expected_rev: revs.get(name).copied(),
+            tag: Some(t.clone()),
+            new_entries,
+            head_update,
+        });
+    }
+    for name in old_tags.keys().filter(|n| !after.tags.contains_key(*n)) {
+        out.push(TagWrite {
+            name: name.clone(),
+            expected_rev: revs.get(name).copied(),
+            tag: None,
+            new_entries: Vec::new(),
+            head_update: None,
+        });
+    }
+    out
 }
 
 /// Records a registry answer on a tag, unless the tag was deleted or re-specced meanwhile
@@ -208,6 +272,7 @@ impl Engine {
                 registry,
                 instance: config.server.instance.clone(),
                 max_import_all: config.schedule.max_import_all,
+                max_history: config.history_max_entries,
                 events,
                 outbox: Arc::new(Notify::new()),
                 changed_tags: ct_tx,
@@ -223,21 +288,23 @@ impl Engine {
     }
 
     /// Applies `f` to the stream (created empty when `create` and absent), propagates alias
-    /// changes, and commits the result with its events; retries on concurrent changes.
-    /// Returns the stream as committed, or None when it does not exist.
+    /// changes, and commits the result with its events; retries on concurrent changes. `f`
+    /// sees the tags `scope` names (with their alias closure) and may change only those.
+    /// Returns the stream as committed (the loaded tags), or NotFound.
     pub async fn mutate<F>(
         &self,
         name: &StreamName,
         create: bool,
+        scope: Scope,
         f: F,
     ) -> Result<ImageStream, CoreError>
     where
         F: Fn(&mut ImageStream) -> Result<(), CoreError>,
     {
         for _ in 0..20 {
-            let (before, rev) = match self.store.get(&name.key()).await? {
-                Some((doc, rev)) => (Some(doc), Some(rev)),
-                None if create => (None, None),
+            let (before, rev, tag_revs) = match self.store.load(&name.key(), scope.clone()).await? {
+                Some(l) => (Some(l.doc), Some(l.rev), l.tag_revs),
+                None if create => (None, None, BTreeMap::new()),
                 None => {
                     return Err(CoreError::NotFound(format!(
                         "image stream {name} not found"
@@ -252,6 +319,7 @@ impl Engine {
             if before.as_ref() == Some(&after) {
                 return Ok(after);
             }
+            trim_histories(before.as_ref(), &mut after, self.max_history);
             let events = self.diff_events(before.as_ref(), Some(&after));
             let specs_changed = before
                 .as_ref()
@@ -259,6 +327,11 @@ impl Engine {
             let commit = Commit {
                 key: name.key(),
                 expected_rev: rev,
+                tags: Some(tag_writes(before.as_ref(), &after, &tag_revs)),
+                meta_changed: before
+                    .as_ref()
+                    .is_none_or(|b| b.generation != after.generation || b.created != after.created),
+                max_history: self.max_history,
                 doc: Some(after.clone()),
                 events: events.clone(),
             };
@@ -288,25 +361,26 @@ impl Engine {
     pub fn index_stream(&self, doc: Option<&ImageStream>) {
         let mut guard = self.tracking.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(index), Some(doc)) = (guard.as_mut(), doc) {
-            for r in tracked_refs(doc) {
-                index.entry(r).or_default().insert(doc.key());
+            for (r, tag) in tracked_refs(doc) {
+                index.entry(r).or_default().insert((doc.key(), tag));
             }
         }
     }
 
-    /// The streams that may track `reference`, building the index on first use.
-    async fn streams_tracking(&self, reference: &str) -> Result<Vec<String>, CoreError> {
+    /// The tags (stream key, tag) that may track `reference`, building the index on first use.
+    async fn tags_tracking(&self, reference: &str) -> Result<Vec<(String, String)>, CoreError> {
         let built = self
             .tracking
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some();
         if !built {
-            let mut index: std::collections::HashMap<String, BTreeSet<String>> = Default::default();
+            let mut index: std::collections::HashMap<String, BTreeSet<(String, String)>> =
+                Default::default();
             for key in self.store.keys().await? {
-                if let Some((doc, _)) = self.store.get(&key).await? {
-                    for r in tracked_refs(&doc) {
-                        index.entry(r).or_default().insert(key.clone());
+                if let Some(l) = self.store.load(&key, Scope::Heads).await? {
+                    for (r, tag) in tracked_refs(&l.doc) {
+                        index.entry(r).or_default().insert((key.clone(), tag));
                     }
                 }
             }
@@ -419,6 +493,26 @@ impl Engine {
             .ok_or_else(|| CoreError::NotFound(format!("image stream {name} not found")))
     }
 
+    /// The stream with only `tag` in it, with its whole history: reading one tag costs what
+    /// the tag holds, not what the stream does.
+    pub async fn get_tag(&self, tag: &StreamTagRef) -> Result<ImageStream, CoreError> {
+        let key = tag.stream.key();
+        match self.store.tag(&key, &tag.tag).await? {
+            Some((mut doc, t)) => {
+                doc.tags.insert(tag.tag.clone(), t);
+                Ok(doc)
+            }
+            None => self
+                .store
+                .load(&key, Scope::Tags(Vec::new()))
+                .await?
+                .map(|l| l.doc)
+                .ok_or_else(|| {
+                    CoreError::NotFound(format!("image stream {} not found", tag.stream))
+                }),
+        }
+    }
+
     /// Resolves an external reference for a tag spec, listing platforms when asked to.
     pub async fn resolve(
         &self,
@@ -459,10 +553,15 @@ impl Engine {
     ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
         let err = result.as_ref().err().cloned();
         let stream = self
-            .mutate(&tag.stream, create, |s| {
-                apply_result(s, &tag.tag, spec, &result, cause);
-                Ok(())
-            })
+            .mutate(
+                &tag.stream,
+                create,
+                Scope::Tags(vec![tag.tag.clone()]),
+                |s| {
+                    apply_result(s, &tag.tag, spec, &result, cause);
+                    Ok(())
+                },
+            )
             .await?;
         Ok((stream, err))
     }
@@ -473,7 +572,17 @@ impl Engine {
         if let Some(p) = &req.platform {
             crate::config::check_platform(p).map_err(CoreError::BadRequest)?;
         }
-        let existing = self.store.get(&tag.stream.key()).await?.map(|(d, _)| d);
+        // `--all` without `--from` re-imports every tag; otherwise one tag is all it needs.
+        let scope = if req.all && req.from.is_none() {
+            Scope::Heads
+        } else {
+            Scope::Tags(vec![tag.tag.clone()])
+        };
+        let existing = self
+            .store
+            .load(&tag.stream.key(), scope)
+            .await?
+            .map(|l| l.doc);
         if existing.is_none() && !req.confirm {
             return Err(CoreError::NotFound(format!(
                 "image stream {} does not exist; pass --confirm to create it",
@@ -539,7 +648,7 @@ impl Engine {
         // `tag` commands for one tag are then each recorded, in the order they commit.
         let result = self.resolve(&spec, None).await;
         let err = result.as_ref().err().cloned();
-        self.mutate(&tag.stream, true, |s| {
+        self.mutate(&tag.stream, true, Scope::Tags(vec![tag.tag.clone()]), |s| {
             s.set_spec(&tag.tag, spec.clone());
             apply_result(s, &tag.tag, &spec, &result, cause);
             Ok(())
@@ -656,8 +765,11 @@ impl Engine {
                         platform: req.platform.clone(),
                         ..TagSpec::new(TagFrom::Image(req.source.clone()))
                     };
-                    let existing = self.store.get(&d.stream.key()).await?;
-                    let spec = match existing.as_ref().and_then(|(s, _)| s.tags.get(&d.tag)) {
+                    let existing = self
+                        .store
+                        .load(&d.stream.key(), Scope::Tags(vec![d.tag.clone()]))
+                        .await?;
+                    let spec = match existing.as_ref().and_then(|l| l.doc.tags.get(&d.tag)) {
                         // keep a custom schedule set in config across CLI re-tagging
                         Some(t) if t.spec.from == spec.from && spec.scheduled => TagSpec {
                             schedule: t.spec.schedule.clone(),
@@ -671,7 +783,14 @@ impl Engine {
             }
             SourceKind::Istag => {
                 let src = StreamTagRef::parse(&req.source, &req.namespace)?;
-                let src_stream = self.get_stream(&src.stream).await?;
+                let src_stream = self
+                    .store
+                    .load(&src.stream.key(), Scope::Tags(vec![src.tag.clone()]))
+                    .await?
+                    .ok_or_else(|| {
+                        CoreError::NotFound(format!("image stream {} not found", src.stream))
+                    })?
+                    .doc;
                 let src_tag = src_stream
                     .tags
                     .get(&src.tag)
@@ -707,7 +826,11 @@ impl Engine {
                     let src_tag_name = src.tag.clone();
                     let same_stream = d.stream == src.stream;
                     let entry = src_tag.current().cloned();
-                    self.mutate(&d.stream, true, |s| {
+                    let mut scope = vec![d.tag.clone()];
+                    if same_stream {
+                        scope.push(src_tag_name.clone());
+                    }
+                    self.mutate(&d.stream, true, Scope::Tags(scope), |s| {
                         if req.alias && alias_cycle(s, &d.tag, &src_tag_name) {
                             return Err(CoreError::BadRequest(format!(
                                 "aliasing {d} to {src} would make a cycle of aliases"
@@ -752,7 +875,7 @@ impl Engine {
                     let spec =
                         TagSpec::new(TagFrom::Digest(format!("{}@{}", src.stream, entry.digest)));
                     let entry = entry.clone();
-                    self.mutate(&d.stream, true, |s| {
+                    self.mutate(&d.stream, true, Scope::Tags(vec![d.tag.clone()]), |s| {
                         let t = s.set_spec(&d.tag, spec.clone());
                         t.record(HistoryEntry {
                             created: now(),
@@ -783,7 +906,7 @@ impl Engine {
         let mut out = Vec::new();
         for d in dests {
             let t = StreamTagRef::parse(d, namespace)?;
-            self.mutate(&t.stream, false, |s| {
+            self.mutate(&t.stream, false, Scope::Tags(vec![t.tag.clone()]), |s| {
                 if s.tags.remove(&t.tag).is_none() {
                     return Err(CoreError::NotFound(format!("stream tag {t} not found")));
                 }
@@ -815,6 +938,7 @@ impl Engine {
                     expected_rev: Some(rev),
                     doc: None,
                     events: events.clone(),
+                    ..Default::default()
                 })
                 .await
             {
@@ -842,7 +966,7 @@ impl Engine {
         for ds in declared {
             let mut changed: Vec<(StreamTagRef, TagSpec)> = Vec::new();
             let stream = self
-                .mutate(&ds.name, true, |s| {
+                .mutate(&ds.name, true, Scope::All, |s| {
                     for dt in &ds.tags {
                         let current = s.tags.get(&dt.name);
                         if current.is_some_and(|t| t.declared.as_deref() == Some(&dt.hash)) {
@@ -885,17 +1009,39 @@ impl Engine {
         Ok(to_import)
     }
 
-    /// Imports a set of tags, as after `apply_declared`.
+    /// Imports a set of tags, as after `apply_declared`: concurrently, so start-up takes as
+    /// long as the registries' budgets allow (each host's request rate and concurrency still
+    /// bound what reaches it), whether the tags are in one stream or many.
     pub async fn import_specs(&self, tags: Vec<(StreamTagRef, TagSpec)>) {
-        for (tag, spec) in tags {
-            let result = self.resolve(&spec, None).await;
-            if let Err(e) = self
-                .record_import(&tag, &spec, result, Cause::Import, false)
-                .await
-            {
-                tracing::error!(tag = %tag, error = %e, "cannot record import");
+        use futures_util::StreamExt as _;
+        /// Imports in flight at once; the per-host budgets queue the rest of the work.
+        const AT_ONCE: usize = 64;
+        // A store that keeps each stream as one document takes one change of a stream at a
+        // time (the others would only conflict and retry): there, streams go in parallel and
+        // the tags of one stream in turn.
+        let mut batches: Vec<Vec<(StreamTagRef, TagSpec)>> = Vec::new();
+        if self.store.tags_apart() {
+            batches.extend(tags.into_iter().map(|t| vec![t]));
+        } else {
+            let mut by_stream: BTreeMap<String, Vec<(StreamTagRef, TagSpec)>> = BTreeMap::new();
+            for t in tags {
+                by_stream.entry(t.0.stream.key()).or_default().push(t);
             }
+            batches.extend(by_stream.into_values());
         }
+        futures_util::stream::iter(batches)
+            .for_each_concurrent(AT_ONCE, |batch| async move {
+                for (tag, spec) in batch {
+                    let result = self.resolve(&spec, None).await;
+                    if let Err(e) = self
+                        .record_import(&tag, &spec, result, Cause::Import, false)
+                        .await
+                    {
+                        tracing::error!(tag = %tag, error = %e, "cannot record import");
+                    }
+                }
+            })
+            .await;
     }
 
     /// A push announced by a registry: every tag tracking `registry/repo:tag` is re-checked
@@ -910,12 +1056,12 @@ impl Engine {
     ) -> Result<Vec<(StreamTagRef, Option<Digest>)>, CoreError> {
         let mut targets: Vec<(StreamTagRef, TagSpec)> = Vec::new();
         let mut streams = Vec::new();
-        for key in self
-            .streams_tracking(&format!("{registry}/{repository}:{tag}"))
+        for (key, name) in self
+            .tags_tracking(&format!("{registry}/{repository}:{tag}"))
             .await?
         {
-            if let Some((doc, _)) = self.store.get(&key).await? {
-                streams.push(doc);
+            if let Some(l) = self.store.load(&key, Scope::Tags(vec![name])).await? {
+                streams.push(l.doc);
             }
         }
         for s in streams {
@@ -934,20 +1080,31 @@ impl Engine {
                 }
             }
         }
+        targets.sort_by(|a, b| a.0.cmp(&b.0));
+        targets.dedup_by(|a, b| a.0 == b.0);
         if targets.is_empty()
             && let Some(dest) = create_in
         {
             let spec = TagSpec::new(TagFrom::Image(format!("{registry}/{repository}:{tag}")));
             let s2 = spec.clone();
-            self.mutate(&dest.stream, true, |s| {
-                if !s.tags.contains_key(&dest.tag) {
-                    s.set_spec(&dest.tag, s2.clone());
-                }
-                Ok(())
-            })
+            self.mutate(
+                &dest.stream,
+                true,
+                Scope::Tags(vec![dest.tag.clone()]),
+                |s| {
+                    if !s.tags.contains_key(&dest.tag) {
+                        s.set_spec(&dest.tag, s2.clone());
+                    }
+                    Ok(())
+                },
+            )
             .await?;
-            let cur = self.get_stream(&dest.stream).await?;
-            if let Some(t) = cur.tags.get(&dest.tag) {
+            let cur = self
+                .store
+                .load(&dest.stream.key(), Scope::Tags(vec![dest.tag.clone()]))
+                .await?
+                .map(|l| l.doc);
+            if let Some(t) = cur.as_ref().and_then(|c| c.tags.get(&dest.tag)) {
                 targets.push((dest.clone(), t.spec.clone()));
             }
         }

@@ -32,6 +32,7 @@ pub async fn behaviour(store: Store) {
             expected_rev: None,
             doc: Some(doc.clone()),
             events: vec![event("a", "d1")],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -41,6 +42,7 @@ pub async fn behaviour(store: Store) {
             expected_rev: None,
             doc: Some(doc.clone()),
             events: vec![],
+            ..Default::default()
         })
         .await;
     assert!(matches!(again, Err(StoreError::Conflict(_))));
@@ -51,6 +53,7 @@ pub async fn behaviour(store: Store) {
             expected_rev: Some(rev + 5),
             doc: Some(doc.clone()),
             events: vec![],
+            ..Default::default()
         })
         .await;
     assert!(matches!(stale, Err(StoreError::Conflict(_))));
@@ -60,6 +63,7 @@ pub async fn behaviour(store: Store) {
             expected_rev: Some(rev),
             doc: Some(doc.clone()),
             events: vec![event("a", "d2")],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -155,6 +159,7 @@ pub async fn behaviour(store: Store) {
             expected_rev: Some(rev3),
             doc: None,
             events: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();

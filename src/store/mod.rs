@@ -1,7 +1,8 @@
-//! Durable state behind one interface: image stream documents (compare-and-set on a revision),
-//! the event outbox written in the same transaction as each change, and trigger bookkeeping
-//! (last image fired for, delivery queue). `sqlite` is the embedded default; `nats` keeps the
-//! same things in JetStream so that several replicas share them.
+//! Durable state behind one interface: image streams (compare-and-set on revisions), the event
+//! outbox written in the same transaction as each change, and trigger bookkeeping (last image
+//! fired for, delivery queue). `sqlite` is the embedded default and stores each tag and each
+//! history entry as its own row, so a change costs what it changes, not the stream's size;
+//! `nats` keeps one document per stream in JetStream so that several replicas share them.
 
 pub mod nats;
 pub mod sqlite;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::model::{Event, ImageStream};
+use crate::model::{Event, HistoryEntry, ImageStream, Tag};
 
 /// Store failures. `Conflict` is retryable (re-read and re-apply); the others are not.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -26,14 +27,57 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// One change: the new document (None deletes) and the events it causes, written atomically.
-#[derive(Debug, Clone)]
+/// One change, written atomically with the events it causes.
+#[derive(Debug, Clone, Default)]
 pub struct Commit {
     pub key: String,
-    /// The revision read before the change; None: the stream must not exist yet.
+    /// The stream revision read before the change; None: the stream must not exist yet.
     pub expected_rev: Option<i64>,
+    /// The stream after the change (None deletes it). With `tags`, only the loaded tags.
     pub doc: Option<ImageStream>,
     pub events: Vec<Event>,
+    /// What changed, tag by tag (a store that keeps tags apart writes only these); None:
+    /// `doc` is the whole stream and replaces what is stored.
+    pub tags: Option<Vec<TagWrite>>,
+    /// The stream's own record (generation, created) changed, or the stream is new.
+    pub meta_changed: bool,
+    /// `[history] max_entries` (0: keep all): older entries of written tags are dropped.
+    pub max_history: usize,
+}
+
+/// One tag's part of a change.
+#[derive(Debug, Clone)]
+pub struct TagWrite {
+    pub name: String,
+    /// The tag's revision when loaded; None: it must not exist yet.
+    pub expected_rev: Option<i64>,
+    /// The tag after the change with only its current history entry; None deletes it.
+    pub tag: Option<Tag>,
+    /// History entries added by the change, newest first.
+    pub new_entries: Vec<HistoryEntry>,
+    /// The current entry rewritten in place (same image digest, new pull spec or media type).
+    pub head_update: Option<HistoryEntry>,
+}
+
+/// Which tags of a stream a change needs. Stores add what the rules need with them: the
+/// aliases that follow a loaded tag and the tags it copies from, transitively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every tag with its whole history.
+    All,
+    /// Every tag with its current entry only (specs and state, as the scheduler needs).
+    Heads,
+    /// These tags (and their alias closure) with their current entries only.
+    Tags(Vec<String>),
+}
+
+/// A stream as loaded for a change: the document (tags per `Scope`), its revision, and the
+/// revision of each loaded tag (for the compare-and-set of the tags a change writes).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub doc: ImageStream,
+    pub rev: i64,
+    pub tag_revs: BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -167,6 +211,28 @@ impl Store {
     pub async fn get(&self, key: &str) -> Result<Option<(ImageStream, i64)>, StoreError> {
         let key = key.to_string();
         blocking!(self, s => s.get(&key), n => n.get(&key))
+    }
+
+    /// Whether changes to different tags of one stream can commit side by side (SQLite keeps
+    /// tags apart; JetStream keeps a stream as one document).
+    pub fn tags_apart(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+
+    /// The stream with the tags `scope` names, for a change or a cheap read.
+    pub async fn load(&self, key: &str, scope: Scope) -> Result<Option<Loaded>, StoreError> {
+        let key = key.to_string();
+        blocking!(self, s => s.load(&key, &scope), n => n.load(&key))
+    }
+
+    /// One tag with its whole history (`get istag`, `describe istag`).
+    pub async fn tag(
+        &self,
+        key: &str,
+        tag: &str,
+    ) -> Result<Option<(ImageStream, Tag)>, StoreError> {
+        let (key, tag) = (key.to_string(), tag.to_string());
+        blocking!(self, s => s.tag(&key, &tag), n => n.tag(&key, &tag))
     }
 
     pub async fn list(&self, namespace: Option<&str>) -> Result<Vec<ImageStream>, StoreError> {

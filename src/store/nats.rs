@@ -300,6 +300,28 @@ impl NatsStore {
         Ok(rec.doc.map(|d| (d, rev as i64)))
     }
 
+    /// The whole document: one stream is one entry here, so every scope reads all of it and
+    /// every tag shares the stream's revision.
+    pub async fn load(&self, key: &str) -> Result<Option<super::Loaded>, StoreError> {
+        Ok(self.get(key).await?.map(|(doc, rev)| super::Loaded {
+            tag_revs: doc.tags.keys().map(|t| (t.clone(), rev)).collect(),
+            doc,
+            rev,
+        }))
+    }
+
+    pub async fn tag(
+        &self,
+        key: &str,
+        tag: &str,
+    ) -> Result<Option<(ImageStream, crate::model::Tag)>, StoreError> {
+        Ok(self.get(key).await?.and_then(|(mut doc, _)| {
+            let t = doc.tags.remove(tag)?;
+            doc.tags.clear();
+            Some((doc, t))
+        }))
+    }
+
     pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
         let mut keys: Vec<String> = all_keys(&self.streams, "key listing").await?;
         keys.sort();

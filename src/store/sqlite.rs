@@ -1,17 +1,22 @@
-//! The embedded store: one SQLite file in WAL mode. A stream is one JSON document with a
-//! revision for compare-and-set; the events of a change go into the outbox in the same
+//! The embedded store: one SQLite file in WAL mode. A stream is a row (revision, generation),
+//! each tag a row (its own revision, spec, conditions and current image) and each history
+//! entry a row, so a change reads and writes the tags it touches and nothing that grows with
+//! the stream or its history. The events of a change go into the outbox in the same
 //! transaction, so a recorded change can never lose its event or its trigger deliveries.
+//! Files of an earlier schema are upgraded in place at open, in one transaction.
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use std::collections::BTreeMap;
+
 use super::{
-    Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError,
-    TriggerSummary,
+    Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, Loaded, Scope,
+    StoreError, TriggerSummary,
 };
-use crate::model::{Event, ImageStream};
+use crate::model::{Event, HistoryEntry, ImageStream, Tag, TagFrom};
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -45,13 +50,38 @@ fn spawn_checkpointer(path: &Path, stop: std::sync::Arc<std::sync::atomic::Atomi
         });
 }
 
+/// The schema this release writes. 1: one JSON document per stream (istream 0.1); 2: a row
+/// per stream, per tag and per history entry.
+pub const SCHEMA_VERSION: i64 = 2;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS streams (
     key TEXT PRIMARY KEY,
     namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
     rev INTEGER NOT NULL,
-    doc TEXT NOT NULL
+    generation INTEGER NOT NULL,
+    created TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tags (
+    stream TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    rev INTEGER NOT NULL,
+    -- the same-stream tag this one copies or follows, and whether it follows (an alias)
+    source TEXT,
+    alias INTEGER NOT NULL DEFAULT 0,
+    -- the tag with its current history entry only
+    doc TEXT NOT NULL,
+    PRIMARY KEY (stream, tag)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_source ON tags(stream, source) WHERE source IS NOT NULL;
+CREATE TABLE IF NOT EXISTS history (
+    stream TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (stream, tag, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL,
@@ -91,6 +121,147 @@ fn json_err(e: serde_json::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
+/// The schema a file holds: its `user_version`, or 1 for istream 0.1's files (which set none
+/// but have the document table), or 0 for a new file.
+fn schema_of(c: &Connection) -> Result<i64, rusqlite::Error> {
+    let v: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if v != 0 {
+        return Ok(v);
+    }
+    let has_doc: bool = c.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('streams') WHERE name = 'doc'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(if has_doc { 1 } else { 0 })
+}
+
+/// The same-stream tag a spec copies or follows.
+fn same_stream_source(t: &Tag) -> Option<&str> {
+    match &t.spec.from {
+        TagFrom::Tag(src) if !src.contains(':') => Some(src),
+        _ => None,
+    }
+}
+
+fn head_only(t: &Tag) -> Tag {
+    Tag {
+        history: t.history.first().cloned().into_iter().collect(),
+        ..t.clone()
+    }
+}
+
+fn insert_tag(
+    tx: &Connection,
+    stream: &str,
+    name: &str,
+    rev: i64,
+    t: &Tag,
+) -> Result<(), StoreError> {
+    let doc = serde_json::to_string(&head_only(t)).map_err(json_err)?;
+    tx.prepare_cached(
+        "INSERT INTO tags(stream, tag, rev, source, alias, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(stream, tag) DO UPDATE SET rev = ?3, source = ?4, alias = ?5, doc = ?6",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            stream,
+            name,
+            rev,
+            same_stream_source(t),
+            t.spec.alias,
+            doc
+        ])
+    })
+    .map_err(db_err)?;
+    Ok(())
+}
+
+fn delete_tag(tx: &Connection, stream: &str, name: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM tags WHERE stream = ?1 AND tag = ?2",
+        params![stream, name],
+    )
+    .map_err(db_err)?;
+    tx.execute(
+        "DELETE FROM history WHERE stream = ?1 AND tag = ?2",
+        params![stream, name],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// Appends entries (given newest first) after the tag's newest one.
+fn append_history(
+    tx: &Connection,
+    stream: &str,
+    name: &str,
+    newest_first: &[HistoryEntry],
+) -> Result<(), StoreError> {
+    let top: i64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM history WHERE stream = ?1 AND tag = ?2",
+            params![stream, name],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    let mut st = tx
+        .prepare_cached("INSERT INTO history(stream, tag, seq, entry) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(db_err)?;
+    for (i, e) in newest_first.iter().rev().enumerate() {
+        let json = serde_json::to_string(e).map_err(json_err)?;
+        st.execute(params![stream, name, top + 1 + i as i64, json])
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Converts a schema-1 file in place, inside the caller's transaction: either all of it is
+/// converted or (after a crash) none, and the next start converts it again.
+fn upgrade_from_1(tx: &Connection, path: &Path) -> Result<(usize, usize), StoreError> {
+    let bad = |what: String| StoreError::Corrupt(format!("{}: {what}", path.display()));
+    tx.execute_batch("ALTER TABLE streams RENAME TO streams_v1;")
+        .map_err(db_err)?;
+    tx.execute_batch(SCHEMA).map_err(db_err)?;
+    let rows: Vec<(String, i64, String)> = {
+        let mut st = tx
+            .prepare("SELECT key, rev, doc FROM streams_v1 ORDER BY key")
+            .map_err(db_err)?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(db_err)?
+            .collect::<Result<_, _>>()
+            .map_err(db_err)?
+    };
+    let crash_at = std::env::var("ISTREAM_TEST_CRASH_IN_UPGRADE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let (mut streams, mut tags) = (0, 0);
+    for (key, rev, doc) in rows {
+        if crash_at == Some(streams) {
+            // Fault injection for the upgrade test: die as kill -9 would, mid-transaction.
+            std::process::abort();
+        }
+        let s: ImageStream = serde_json::from_str(&doc).map_err(|e| {
+            bad(format!(
+                "image stream {key} is not a schema-1 document: {e}"
+            ))
+        })?;
+        tx.execute(
+            "INSERT INTO streams(key, namespace, name, rev, generation, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![key, s.namespace, s.name, rev, s.generation, s.created.to_rfc3339()],
+        )
+        .map_err(db_err)?;
+        for (name, t) in &s.tags {
+            insert_tag(tx, &key, name, 1, t)?;
+            append_history(tx, &key, name, &t.history)?;
+            tags += 1;
+        }
+        streams += 1;
+    }
+    tx.execute_batch("DROP TABLE streams_v1;").map_err(db_err)?;
+    Ok((streams, tags))
+}
+
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent()
@@ -100,24 +271,46 @@ impl SqliteStore {
                 StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)
+        let at = |e: rusqlite::Error| StoreError::Backend(format!("{}: {e}", path.display()));
+        let mut conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        conn.pragma_update(None, "busy_timeout", 5000).map_err(at)?;
+        // Read before anything is written: a newer release's file is left exactly as it is.
+        let found = schema_of(&conn).map_err(at)?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "{} was written by a newer istream (store schema {found}); this release ({}) reads schema {SCHEMA_VERSION} and older; nothing was changed",
+                path.display(),
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db_err)?;
+            .map_err(at)?;
         // NORMAL in WAL mode is durable against process crashes (the case SPEC 7 is about);
         // only an OS crash can lose the last transactions.
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(db_err)?;
-        conn.pragma_update(None, "busy_timeout", 5000)
-            .map_err(db_err)?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+            .map_err(at)?;
+        let tx = conn.transaction().map_err(at)?;
+        match found {
+            0 => tx.execute_batch(SCHEMA).map_err(at)?,
+            1 => {
+                let (streams, tags) = upgrade_from_1(&tx, path)?;
+                tracing::info!(
+                    file = %path.display(), from = 1, to = SCHEMA_VERSION, streams, tags,
+                    "store upgraded from schema 1 (a document per stream) to schema 2 (a row per tag)"
+                );
+            }
+            _ => {}
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(at)?;
         // Attempts cut short by a crash are attempted again (at least once).
-        conn.execute(
+        tx.execute(
             "UPDATE deliveries SET state = 'pending' WHERE state = 'inflight'",
             [],
         )
-        .map_err(db_err)?;
+        .map_err(at)?;
+        tx.commit().map_err(at)?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         spawn_checkpointer(path, stop.clone());
         Ok(SqliteStore {
@@ -130,31 +323,167 @@ impl SqliteStore {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn get(&self, key: &str) -> Result<Option<(ImageStream, i64)>, StoreError> {
-        let c = self.conn();
-        let row: Option<(String, i64)> = c
-            .query_row("SELECT doc, rev FROM streams WHERE key = ?1", [key], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+    /// The stream's own record, without tags.
+    fn stream_row(c: &Connection, key: &str) -> Result<Option<(ImageStream, i64)>, StoreError> {
+        let row: Option<(String, String, i64, i64, String)> = c
+            .prepare_cached(
+                "SELECT namespace, name, rev, generation, created FROM streams WHERE key = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row([key], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()
             })
-            .optional()
             .map_err(db_err)?;
-        row.map(|(doc, rev)| Ok((serde_json::from_str(&doc).map_err(json_err)?, rev)))
+        let Some((namespace, name, rev, generation, created)) = row else {
+            return Ok(None);
+        };
+        let created = chrono::DateTime::parse_from_rfc3339(&created)
+            .map_err(|e| StoreError::Corrupt(format!("stream {key} created \"{created}\": {e}")))?
+            .with_timezone(&chrono::Utc);
+        Ok(Some((
+            ImageStream {
+                namespace,
+                name,
+                generation,
+                created,
+                tags: Default::default(),
+            },
+            rev,
+        )))
+    }
+
+    /// One tag row: revision, same-stream source, and the tag with its current entry.
+    fn tag_row(c: &Connection, key: &str, tag: &str) -> Result<Option<(i64, Tag)>, StoreError> {
+        let row: Option<(i64, String)> = c
+            .prepare_cached("SELECT rev, doc FROM tags WHERE stream = ?1 AND tag = ?2")
+            .and_then(|mut st| {
+                st.query_row([key, tag], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(db_err)?;
+        row.map(|(rev, doc)| Ok((rev, serde_json::from_str(&doc).map_err(json_err)?)))
             .transpose()
     }
 
-    pub fn list(&self, namespace: Option<&str>) -> Result<Vec<ImageStream>, StoreError> {
-        let c = self.conn();
+    fn all_tag_rows(c: &Connection, key: &str) -> Result<Vec<(String, i64, Tag)>, StoreError> {
+        let mut st = c
+            .prepare_cached("SELECT tag, rev, doc FROM tags WHERE stream = ?1 ORDER BY tag")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([key], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(db_err)?;
         let mut out = Vec::new();
-        let mut stmt = c
+        for r in rows {
+            let (name, rev, doc) = r.map_err(db_err)?;
+            out.push((name, rev, serde_json::from_str(&doc).map_err(json_err)?));
+        }
+        Ok(out)
+    }
+
+    fn full_history(c: &Connection, key: &str, tag: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut st = c
             .prepare_cached(
-                "SELECT doc FROM streams WHERE ?1 IS NULL OR namespace = ?1 ORDER BY key",
+                "SELECT entry FROM history WHERE stream = ?1 AND tag = ?2 ORDER BY seq DESC",
             )
             .map_err(db_err)?;
-        let rows = stmt
-            .query_map([namespace], |r| r.get::<_, String>(0))
+        let rows = st
+            .query_map([key, tag], |r| r.get::<_, String>(0))
             .map_err(db_err)?;
-        for doc in rows {
-            out.push(serde_json::from_str(&doc.map_err(db_err)?).map_err(json_err)?);
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(serde_json::from_str(&r.map_err(db_err)?).map_err(json_err)?);
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<(ImageStream, i64)>, StoreError> {
+        Ok(self.load(key, &Scope::All)?.map(|l| (l.doc, l.rev)))
+    }
+
+    pub fn load(&self, key: &str, scope: &Scope) -> Result<Option<Loaded>, StoreError> {
+        let c = self.conn();
+        let Some((mut doc, rev)) = Self::stream_row(&c, key)? else {
+            return Ok(None);
+        };
+        let mut tag_revs = BTreeMap::new();
+        match scope {
+            Scope::All | Scope::Heads => {
+                for (name, trev, mut t) in Self::all_tag_rows(&c, key)? {
+                    if *scope == Scope::All {
+                        t.history = Self::full_history(&c, key, &name)?;
+                    }
+                    tag_revs.insert(name.clone(), trev);
+                    doc.tags.insert(name, t);
+                }
+            }
+            Scope::Tags(names) => {
+                // The alias closure: the tags a loaded tag copies from, and those following it.
+                let mut todo: Vec<String> = names.clone();
+                let mut followers = c
+                    .prepare_cached("SELECT tag FROM tags WHERE stream = ?1 AND source = ?2")
+                    .map_err(db_err)?;
+                while let Some(name) = todo.pop() {
+                    if tag_revs.contains_key(&name) {
+                        continue;
+                    }
+                    let Some((trev, t)) = Self::tag_row(&c, key, &name)? else {
+                        continue;
+                    };
+                    if let Some(src) = same_stream_source(&t) {
+                        todo.push(src.to_string());
+                    }
+                    let rows = followers
+                        .query_map([key, name.as_str()], |r| r.get::<_, String>(0))
+                        .map_err(db_err)?;
+                    for f in rows {
+                        todo.push(f.map_err(db_err)?);
+                    }
+                    tag_revs.insert(name.clone(), trev);
+                    doc.tags.insert(name, t);
+                }
+            }
+        }
+        Ok(Some(Loaded { doc, rev, tag_revs }))
+    }
+
+    pub fn tag(&self, key: &str, tag: &str) -> Result<Option<(ImageStream, Tag)>, StoreError> {
+        let c = self.conn();
+        let Some((doc, _)) = Self::stream_row(&c, key)? else {
+            return Ok(None);
+        };
+        let Some((_, mut t)) = Self::tag_row(&c, key, tag)? else {
+            return Ok(None);
+        };
+        t.history = Self::full_history(&c, key, tag)?;
+        Ok(Some((doc, t)))
+    }
+
+    pub fn list(&self, namespace: Option<&str>) -> Result<Vec<ImageStream>, StoreError> {
+        let keys: Vec<String> = {
+            let c = self.conn();
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT key FROM streams WHERE ?1 IS NULL OR namespace = ?1 ORDER BY key",
+                )
+                .map_err(db_err)?;
+            stmt.query_map([namespace], |r| r.get::<_, String>(0))
+                .map_err(db_err)?
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?
+        };
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some((doc, _)) = self.get(&k)? {
+                out.push(doc);
+            }
         }
         Ok(out)
     }
@@ -173,36 +502,94 @@ impl SqliteStore {
     pub fn commit(&self, commit: &Commit) -> Result<i64, StoreError> {
         let mut c = self.conn();
         let tx = c.transaction().map_err(db_err)?;
+        let key = commit.key.as_str();
+        let conflict = || StoreError::Conflict(commit.key.clone());
         let cur: Option<i64> = tx
-            .query_row(
-                "SELECT rev FROM streams WHERE key = ?1",
-                [&commit.key],
-                |r| r.get(0),
-            )
+            .query_row("SELECT rev FROM streams WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(db_err)?;
         if cur != commit.expected_rev {
-            return Err(StoreError::Conflict(commit.key.clone()));
+            return Err(conflict());
         }
-        let rev = cur.unwrap_or(0) + 1;
-        match &commit.doc {
-            Some(doc) => {
-                let json = serde_json::to_string(doc).map_err(json_err)?;
-                tx.execute(
-                    "INSERT INTO streams(key, namespace, rev, doc) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(key) DO UPDATE SET rev = ?3, doc = ?4",
-                    params![commit.key, doc.namespace, rev, json],
-                )
-                .map_err(db_err)?;
+        let mut rev = cur.unwrap_or(0);
+        match (&commit.doc, &commit.tags) {
+            (None, _) => {
+                for table in [
+                    "streams WHERE key",
+                    "tags WHERE stream",
+                    "history WHERE stream",
+                ] {
+                    tx.execute(&format!("DELETE FROM {table} = ?1"), [key])
+                        .map_err(db_err)?;
+                }
             }
-            None => {
-                tx.execute("DELETE FROM streams WHERE key = ?1", [&commit.key])
+            (Some(doc), tags) => {
+                if cur.is_none() || commit.meta_changed || tags.is_none() {
+                    rev += 1;
+                    tx.execute(
+                        "INSERT INTO streams(key, namespace, name, rev, generation, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT(key) DO UPDATE SET rev = ?4, generation = ?5, created = ?6",
+                        params![key, doc.namespace, doc.name, rev, doc.generation, doc.created.to_rfc3339()],
+                    )
                     .map_err(db_err)?;
+                }
+                match tags {
+                    None => {
+                        // The whole stream replaces what is stored.
+                        tx.execute("DELETE FROM tags WHERE stream = ?1", [key])
+                            .map_err(db_err)?;
+                        tx.execute("DELETE FROM history WHERE stream = ?1", [key])
+                            .map_err(db_err)?;
+                        for (name, t) in &doc.tags {
+                            insert_tag(&tx, key, name, 1, t)?;
+                            append_history(&tx, key, name, &t.history)?;
+                            trim_history(&tx, key, name, commit.max_history)?;
+                        }
+                    }
+                    Some(writes) => {
+                        for w in writes {
+                            let cur_tag: Option<i64> = tx
+                                .prepare_cached(
+                                    "SELECT rev FROM tags WHERE stream = ?1 AND tag = ?2",
+                                )
+                                .and_then(|mut st| {
+                                    st.query_row([key, w.name.as_str()], |r| r.get(0))
+                                        .optional()
+                                })
+                                .map_err(db_err)?;
+                            if cur_tag != w.expected_rev {
+                                return Err(conflict());
+                            }
+                            match &w.tag {
+                                None => delete_tag(&tx, key, &w.name)?,
+                                Some(t) => {
+                                    insert_tag(&tx, key, &w.name, cur_tag.unwrap_or(0) + 1, t)?;
+                                    if let Some(h) = &w.head_update {
+                                        let json = serde_json::to_string(h).map_err(json_err)?;
+                                        tx.execute(
+                                            "UPDATE history SET entry = ?3 WHERE stream = ?1 AND tag = ?2
+                                             AND seq = (SELECT MAX(seq) FROM history WHERE stream = ?1 AND tag = ?2)",
+                                            params![key, w.name, json],
+                                        )
+                                        .map_err(db_err)?;
+                                    }
+                                    if !w.new_entries.is_empty() {
+                                        append_history(&tx, key, &w.name, &w.new_entries)?;
+                                        trim_history(&tx, key, &w.name, commit.max_history)?;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
         for e in &commit.events {
             let json = serde_json::to_string(e).map_err(json_err)?;
-            tx.execute("INSERT INTO outbox(event) VALUES (?1)", [json])
+            tx.prepare_cached("INSERT INTO outbox(event) VALUES (?1)")
+                .and_then(|mut st| st.execute([json]))
                 .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
@@ -472,6 +859,19 @@ fn update_delivery_in(c: &Connection, d: &Completion, now_ms: i64) -> Result<(),
          attempts = ?3, next_at = ?4, last_error = COALESCE(?5, last_error), updated = ?6 WHERE id = ?1",
     )
     .and_then(|mut st| st.execute(params![d.id, d.state.as_str(), d.attempts, d.next_at, d.error, now_ms]))
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// `[history] max_entries`: keeps the newest `max` entries of a tag (0: all).
+fn trim_history(tx: &Connection, stream: &str, tag: &str, max: usize) -> Result<(), StoreError> {
+    if max == 0 {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "DELETE FROM history WHERE stream = ?1 AND tag = ?2 AND seq <= (SELECT MAX(seq) FROM history WHERE stream = ?1 AND tag = ?2) - ?3",
+    )
+    .and_then(|mut st| st.execute(params![stream, tag, max as i64]))
     .map_err(db_err)?;
     Ok(())
 }

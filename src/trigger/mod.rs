@@ -152,8 +152,10 @@ impl Triggers {
             if watched.is_empty() {
                 continue;
             }
-            let stream = match self.engine.store.get(stream_key).await {
-                Ok(Some((s, _))) => s,
+            let scope =
+                crate::store::Scope::Tags(watched.iter().map(|(t, _)| t.to_string()).collect());
+            let stream = match self.engine.store.load(stream_key, scope).await {
+                Ok(Some(l)) => l.doc,
                 Ok(None) => continue,
                 Err(e) => {
                     // Level-triggered: the next change or restart plans it again.
