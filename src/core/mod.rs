@@ -117,11 +117,13 @@ pub struct Engine {
     /// `registry/repository:tag` -> (stream key, tag) of the tags tracking it, so a push
     /// finds its tags without reading any stream whole. Built on first use, kept by `mutate`;
     /// it may hold stale extras (every hit is checked against the tag), never misses.
-    tracking:
-        std::sync::Mutex<Option<std::collections::HashMap<String, BTreeSet<(String, String)>>>>,
+    tracking: std::sync::Mutex<Option<PushIndex>>,
     /// Set when replicas share a JetStream store: decides which tags this replica polls.
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
+
+/// `registry/repository:tag` -> the (stream key, tag) pairs tracking it.
+type PushIndex = std::collections::HashMap<String, BTreeSet<(String, String)>>;
 
 /// The external references a stream's tags track by tag (digest references never move),
 /// with the tag tracking each.
@@ -375,8 +377,7 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .is_some();
         if !built {
-            let mut index: std::collections::HashMap<String, BTreeSet<(String, String)>> =
-                Default::default();
+            let mut index = PushIndex::default();
             for key in self.store.keys().await? {
                 if let Some(l) = self.store.load(&key, Scope::Heads).await? {
                     for (r, tag) in tracked_refs(&l.doc) {
