@@ -144,7 +144,7 @@ fn tracked_refs(s: &ImageStream) -> Vec<(String, String)> {
 }
 
 /// Keeps the newest `max` history entries of the tags a change touched (0: all).
-fn trim_histories(before: Option<&ImageStream>, after: &mut ImageStream, max: usize) {
+pub(crate) fn trim_histories(before: Option<&ImageStream>, after: &mut ImageStream, max: usize) {
     if max == 0 {
         return;
     }
@@ -157,7 +157,7 @@ fn trim_histories(before: Option<&ImageStream>, after: &mut ImageStream, max: us
 
 /// What a change did to each tag, for stores that keep tags apart: the tags that differ,
 /// with the history entries they gained and the current entry when it was rewritten in place.
-fn tag_writes(
+pub(crate) fn tag_writes(
     before: Option<&ImageStream>,
     after: &ImageStream,
     revs: &BTreeMap<String, i64>,

@@ -151,6 +151,7 @@ pub async fn behaviour(store: Store) {
     let sum = store.summary("t").await.unwrap();
     assert_eq!((sum.pending, sum.dead, sum.delivered), (0, 0, 1));
     assert!(store.claim_due(5, 10).await.unwrap().is_empty());
+    per_tag_changes(&store).await;
     // delete (a store may move the revision when it publishes, so read it again)
     let rev3 = store.get("default/s").await.unwrap().unwrap().1;
     store
@@ -164,4 +165,141 @@ pub async fn behaviour(store: Store) {
         .await
         .unwrap();
     assert!(store.get("default/s").await.unwrap().is_none());
+}
+
+fn entry(n: u32) -> HistoryEntry {
+    HistoryEntry {
+        digest: Digest::parse(&format!("sha256:{:064x}", n)).unwrap(),
+        image: format!("r.example/p@sha256:{:064x}", n),
+        created: chrono::DateTime::from_timestamp(1_700_000_000 + i64::from(n), 0).unwrap(),
+        generation: 1,
+        cause: Cause::Import,
+        id: format!("id-{n}"),
+        media_type: None,
+        platforms: vec![],
+    }
+}
+
+/// A change as the engine makes it: load the tags it needs, change them, commit what differs.
+async fn change(
+    store: &Store,
+    key: &str,
+    scope: Scope,
+    max_history: usize,
+    f: impl Fn(&mut ImageStream),
+) -> Result<i64, StoreError> {
+    let l = store.load(key, scope).await?.expect("stream exists");
+    let mut after = l.doc.clone();
+    f(&mut after);
+    crate::core::trim_histories(Some(&l.doc), &mut after, max_history);
+    store
+        .commit(Commit {
+            key: key.into(),
+            expected_rev: Some(l.rev),
+            tags: Some(crate::core::tag_writes(Some(&l.doc), &after, &l.tag_revs)),
+            meta_changed: l.doc.generation != after.generation,
+            max_history,
+            doc: Some(after),
+            events: vec![],
+        })
+        .await
+}
+
+/// Tags change one by one: a change loads a tag with its alias closure, writes what differs,
+/// keeps the rest (and every history entry) as it was, and trims history when asked to.
+async fn per_tag_changes(store: &Store) {
+    let key = "default/p";
+    let mut s = ImageStream::new("default", "p", Utc::now());
+    s.set_spec("a", TagSpec::new(TagFrom::Image("r.example/p:a".into())));
+    let mut alias = TagSpec::new(TagFrom::Tag("a".into()));
+    alias.alias = true;
+    s.set_spec("b", alias);
+    s.set_spec("c", TagSpec::new(TagFrom::Image("r.example/p:c".into())));
+    s.tags.get_mut("a").unwrap().record(entry(1));
+    s.tags.get_mut("b").unwrap().record(entry(1));
+    store
+        .commit(Commit {
+            key: key.into(),
+            expected_rev: None,
+            doc: Some(s),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // b's closure holds its source a
+    let l = store
+        .load(key, Scope::Tags(vec!["b".into()]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(l.doc.tags.contains_key("a") && l.doc.tags.contains_key("b"));
+    // a change of c alone
+    change(store, key, Scope::Tags(vec!["c".into()]), 0, |d| {
+        d.tags.get_mut("c").unwrap().record(entry(2));
+    })
+    .await
+    .unwrap();
+    let (_, c) = store.tag(key, "c").await.unwrap().unwrap();
+    assert_eq!(c.history, vec![entry(2)]);
+    let (_, a) = store.tag(key, "a").await.unwrap().unwrap();
+    assert_eq!(
+        a.history,
+        vec![entry(1)],
+        "untouched tags keep their history"
+    );
+    // a stale read of c conflicts
+    let stale = store
+        .load(key, Scope::Tags(vec!["c".into()]))
+        .await
+        .unwrap()
+        .unwrap();
+    change(store, key, Scope::Tags(vec!["c".into()]), 0, |d| {
+        d.tags.get_mut("c").unwrap().record(entry(3));
+    })
+    .await
+    .unwrap();
+    let mut late = stale.doc.clone();
+    late.tags.get_mut("c").unwrap().record(entry(4));
+    let res = store
+        .commit(Commit {
+            key: key.into(),
+            expected_rev: Some(stale.rev),
+            tags: Some(crate::core::tag_writes(
+                Some(&stale.doc),
+                &late,
+                &stale.tag_revs,
+            )),
+            doc: Some(late),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(res, Err(StoreError::Conflict(_))), "{res:?}");
+    // history: every entry kept, newest first; then trimmed to the newest two
+    let (_, c) = store.tag(key, "c").await.unwrap().unwrap();
+    assert_eq!(c.history, vec![entry(3), entry(2)]);
+    for n in 5..8 {
+        change(store, key, Scope::Tags(vec!["a".into()]), 2, |d| {
+            d.tags.get_mut("a").unwrap().record(entry(n));
+        })
+        .await
+        .unwrap();
+    }
+    let (_, a) = store.tag(key, "a").await.unwrap().unwrap();
+    assert_eq!(
+        a.history,
+        vec![entry(7), entry(6)],
+        "max_entries keeps the newest"
+    );
+    // the whole stream, read back, has every tag
+    let (full, _) = store.get(key).await.unwrap().unwrap();
+    assert_eq!(full.tags.len(), 3);
+    assert_eq!(full.tags["c"].history.len(), 2);
+    // deleting one tag leaves the others
+    change(store, key, Scope::Tags(vec!["c".into()]), 0, |d| {
+        d.tags.remove("c");
+    })
+    .await
+    .unwrap();
+    assert!(store.tag(key, "c").await.unwrap().is_none());
+    assert!(store.tag(key, "a").await.unwrap().is_some());
 }

@@ -278,7 +278,7 @@ impl SqliteStore {
         // Read before anything is written: a newer release's file is left exactly as it is.
         let found = schema_of(&conn).map_err(at)?;
         if found > SCHEMA_VERSION {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::Backend(format!(
                 "{} was written by a newer istream (store schema {found}); this release ({}) reads schema {SCHEMA_VERSION} and older; nothing was changed",
                 path.display(),
                 env!("CARGO_PKG_VERSION")

@@ -74,3 +74,222 @@ async fn make_store_v1_fixture() {
         }
     }
 }
+
+/// Copies the fixture (database, WAL and shared-memory files) into `dir`.
+fn copy_fixture(dir: &Path) {
+    for entry in std::fs::read_dir(fixture_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("istream.db") {
+            std::fs::copy(&p, dir.join(&name)).unwrap();
+        }
+    }
+}
+
+/// Runs `istream serve` on `dir` until it exits by itself (a refused or crashing start).
+fn serve_until_exit(dir: &Path, extra: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let cfg = dir.join("triggers.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\npath = \"{}\"\n\n{extra}\n",
+            dir.join("istream.db").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("serve").arg("--config").arg(&cfg).current_dir(dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn schema_of(db: &Path) -> (i64, bool) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let v: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    let has_doc: bool = c
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('streams') WHERE name = 'doc'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    (v, has_doc)
+}
+
+/// What the fixture holds, as the CLI and the API show it after the upgrade.
+async fn assert_fixture_content(e: &Engine) {
+    let app = e.istag("app:latest").unwrap();
+    let h = app["history"].as_array().unwrap();
+    assert_eq!(h.len(), 2, "{app}");
+    assert!(h.iter().all(|x| x["cause"] == "import"));
+    let pinned = e.istag("app:pinned").unwrap();
+    assert_eq!(pinned["history"][0]["cause"], "rollback");
+    assert_eq!(
+        pinned["digest"], h[1]["digest"],
+        "the pin is the first image"
+    );
+    let stable = e.istag("app:stable").unwrap();
+    assert_eq!(stable["spec"]["alias"], true);
+    assert_eq!(stable["digest"], app["digest"]);
+    let broken = e.istag("lib:broken").unwrap();
+    assert_eq!(broken["conditions"][0]["reason"], "NotFound", "{broken}");
+    assert_eq!(broken["digest"], serde_json::Value::Null);
+    assert_eq!(e.istag("lib:copy").unwrap()["digest"], app["digest"]);
+    assert_eq!(
+        e.istag("lib:1").unwrap()["history"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let o = e.cli(&["triggers", "-o", "json"]);
+    expect_code(&o, 0);
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let by = |n: &str| {
+        t.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let (dead, waiting, ok) = (by("dead"), by("waiting"), by("ok"));
+    assert_eq!(dead["dead"], 2, "{dead}");
+    assert_eq!(
+        (waiting["pending"].as_i64(), waiting["superseded"].as_i64()),
+        (Some(2), Some(1)),
+        "{waiting}"
+    );
+    assert_eq!(ok["delivered"], 2, "{ok}");
+    assert_eq!(
+        ok["last_fired"]["default/app:latest"], app["digest"],
+        "trigger state kept: {ok}"
+    );
+    assert_eq!(waiting["last_fired"].as_object().unwrap().len(), 2);
+    // The unpublished events (NATS was never reachable) are still waiting in the outbox.
+    wait_for(
+        "the fixture's 7 unpublished events in the outbox",
+        || async {
+            let m = e.get("/metrics").await.text().await.unwrap();
+            m.lines()
+                .find(|l| l.starts_with("istream_outbox_depth"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .filter(|n| *n >= 7.0)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_1_store_is_upgraded_with_nothing_lost() {
+    let gone = Receiver::start().await;
+    gone.script(&[(404, &[])]);
+    let ok = Receiver::start().await;
+    let mut e = Engine::start_prepared(0, &fixture_triggers(&gone.url, &ok.url), &[], copy_fixture);
+    let line = e.log.find("store upgraded").expect("the upgrade is logged");
+    assert!(line.contains("from=1") && line.contains("to=2"), "{line}");
+    assert_eq!(schema_of(&e.dir.join("istream.db")), (2, false));
+    assert_fixture_content(&e).await;
+    // A second start on the upgraded store: nothing to upgrade, the same content.
+    e.restart();
+    assert!(e.log.find("store upgraded").is_none());
+    assert_fixture_content(&e).await;
+    assert_eq!(ok.requests().len(), 0, "nothing re-fired after the upgrade");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_halfway_through_the_upgrade_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path());
+    let gone = Receiver::start().await;
+    let ok = Receiver::start().await;
+    let cfg = fixture_triggers(&gone.url, &ok.url);
+    // Dies (abort, as kill -9) after converting one of the two streams, inside the upgrade.
+    let out = serve_until_exit(dir.path(), &cfg, &[("ISTREAM_TEST_CRASH_IN_UPGRADE", "1")]);
+    assert!(!out.status.success());
+    assert_eq!(
+        schema_of(&dir.path().join("istream.db")),
+        (0, true),
+        "the crashed upgrade left the schema-1 store as it was"
+    );
+    let e = Engine::start_prepared(0, &cfg, &[], |d| {
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let p = f.unwrap().path();
+            if p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("istream.db")
+            {
+                std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    });
+    assert!(e.log.find("store upgraded").is_some());
+    assert_fixture_content(&e).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_and_corrupt_stores_are_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("istream.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;")
+            .unwrap();
+    }
+    let before = std::fs::read(&db).unwrap();
+    let out = serve_until_exit(dir.path(), "", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("schema 99") && err.contains("schema 2") && err.contains("istream.db"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), before, "nothing written");
+    assert!(!dir.path().join("istream.db-wal").exists());
+
+    std::fs::write(&db, b"this is not a database, it only has the name of one").unwrap();
+    let out = serve_until_exit(dir.path(), "", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("istream.db"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `[history] max_entries` keeps the newest entries of each tag, the current one always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_retention_keeps_the_newest_entries() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let e = Engine::start("[history]\nmax_entries = 2\n");
+    let mut digests = Vec::new();
+    for seed in ["1", "2", "3"] {
+        digests.push(push.image("team/kept", "latest", seed).await);
+        if seed == "1" {
+            e.import_new("kept", &format!("{}/team/kept", reg.host));
+        } else {
+            expect_code(&e.cli(&["import-image", "kept"]), 0);
+        }
+    }
+    let t = e.istag("kept").unwrap();
+    let h: Vec<&str> = t["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(h, vec![digests[2].as_str(), digests[1].as_str()]);
+    // the dropped image can no longer be rolled back to
+    let o = e.cli(&["tag", &format!("kept@{}", digests[0]), "kept:old"]);
+    expect_code(&o, 1);
+}

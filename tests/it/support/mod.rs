@@ -442,8 +442,19 @@ impl Engine {
 
     /// Starts on a given port (0: any free one).
     pub fn start_on(port: u16, extra: &str, env: &[(&str, &str)]) -> Engine {
+        Engine::start_prepared(port, extra, env, |_| {})
+    }
+
+    /// Starts after `prepare` has put files into the engine's directory (a store to open).
+    pub fn start_prepared(
+        port: u16,
+        extra: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Engine {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
+        prepare(&dir);
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[store]\npath = \"{}\"\n\n{extra}\n",
             dir.join("istream.db").display()
