@@ -1,10 +1,15 @@
 //! Scheduler benchmark: figures, not assertions. Run with `cargo bench --bench scheduler`.
 //!
 //! Starts a local docker-registry, measures its own manifest `HEAD` rate with a plain HTTP load
-//! loop at 8 connections (the physical limit here), then, each scenario in a fresh process:
-//! - checks per second for N = 1,000 and 10,000 scheduled tags all due at once, per-registry
-//!   budget lifted, 8 requests in flight, and CPU seconds per 1,000 checks;
-//! - peak RSS with 4,000 and 100,000 scheduled tags and CPU use while they are idle.
+//! loop at 8 connections (the physical limit here), then, each scenario in a fresh process on a
+//! new SQLite store, for 10,000 declared scheduled tags in one stream and in 100 streams (and
+//! 4,000 in one stream, for memory):
+//! - start-up as `serve` does it (apply declared streams, import every tag) until every tag has
+//!   an image;
+//! - steady checks per second with every tag due at once (budget lifted, 8 in flight), next to
+//!   the registry's own rate, and CPU seconds per 1,000 checks; peak RSS of the process;
+//! - per-change store cost (p50/p99 of recording a new digest) in a 1-tag and a 10,000-tag
+//!   stream.
 
 #[path = "../tests/it/support/mod.rs"]
 #[allow(unused_imports)]
@@ -14,13 +19,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use istream::config::Config;
 use istream::core::Engine;
-use istream::model::{Cause, Digest, HistoryEntry, TagFrom, TagSpec};
+use istream::model::{Cause, Digest, TagFrom, TagSpec};
 use istream::registry::RegistryClient;
 use istream::scheduler::{CHECKS, Scheduler};
-use istream::store::{Commit, Store};
+use istream::store::Store;
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -32,10 +36,19 @@ fn cpu_seconds() -> f64 {
 }
 
 fn peak_rss_mb() -> f64 {
+    rss_field("VmHWM:")
+}
+
+/// Resident now (not the high-water mark).
+fn rss_mb() -> f64 {
+    rss_field("VmRSS:")
+}
+
+fn rss_field(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .unwrap_or(0.0)
@@ -78,9 +91,24 @@ async fn baseline(host: &str, etag: Option<&str>, secs: u64) -> f64 {
     total as f64 / secs as f64
 }
 
-fn open(db: &str, interval: &str) -> (Arc<Engine>, Scheduler) {
-    let text = format!("[store]\npath = \"{db}\"\n[schedule]\ninterval = \"{interval}\"\n");
-    let config = Config::from_str(std::path::Path::new("bench.toml"), &text).unwrap();
+/// The config of a scenario: `n` declared scheduled tags, in one stream or in streams of 100.
+fn config_text(db: &str, host: &str, n: usize, one_stream: bool) -> String {
+    let per_stream = if one_stream { n } else { 100 };
+    let mut text = format!("[store]\npath = \"{db}\"\n[schedule]\ninterval = \"1h\"\n");
+    for s in 0..n.div_ceil(per_stream) {
+        text += &format!("[[stream]]\nname = \"s{s}\"\nnamespace = \"bench\"\ntags = [\n");
+        for t in 0..per_stream.min(n - s * per_stream) {
+            text += &format!(
+                "  {{ name = \"t{t}\", from.image = \"{host}/bench/app:latest\", scheduled = true }},\n"
+            );
+        }
+        text += "]\n";
+    }
+    text
+}
+
+fn open(text: &str) -> (Arc<Engine>, Scheduler, Config) {
+    let config = Config::from_str(std::path::Path::new("bench.toml"), text).unwrap();
     let store = Store::open_sqlite(&config.store.path).unwrap();
     let mut registry = RegistryClient::new(&config);
     registry.set_budget(0.0, 8);
@@ -90,94 +118,106 @@ fn open(db: &str, interval: &str) -> (Arc<Engine>, Scheduler) {
         config.schedule.interval.clone(),
         rx.spec_changes,
     );
-    (engine, sched)
+    (engine, sched, config)
 }
 
-/// Writes `n` scheduled tags (100 per stream) that already know the current digest.
-async fn build(db: &str, host: &str, n: usize, digest: &str) {
-    let store = Store::open_sqlite(std::path::Path::new(db)).unwrap();
-    let digest = Digest::parse(digest).unwrap();
-    let per_stream = 100;
-    for s in 0..n.div_ceil(per_stream) {
-        let mut doc = istream::model::ImageStream::new("bench", &format!("s{s}"), Utc::now());
-        for t in 0..per_stream.min(n - s * per_stream) {
-            let spec = TagSpec {
-                from: TagFrom::Image(format!("{host}/bench/app:latest")),
-                alias: false,
-                scheduled: true,
-                schedule: None,
-                insecure: false,
-                platform: None,
-            };
-            let tag = doc.set_spec(&format!("t{t}"), spec);
-            tag.record(HistoryEntry {
-                digest: digest.clone(),
-                image: format!("{host}/bench/app@{digest}"),
-                created: Utc::now(),
-                generation: 1,
-                cause: Cause::Import,
-                id: istream::core::new_id(),
-                media_type: None,
-                platforms: vec![],
-            });
-        }
-        store
-            .commit(Commit {
-                key: doc.key(),
-                expected_rev: None,
-                doc: Some(doc),
-                events: vec![],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn child(mode: &str, db: &str, n: usize) {
+async fn child(mode: &str, db: &str, host: &str, n: usize, one_stream: bool) {
+    let base = rss_mb();
+    let (engine, sched, config) = open(&config_text(db, host, n, one_stream));
+    let after_config = rss_mb();
     match mode {
-        "checks" => {
-            let (_e, sched) = open(db, "1h");
-            let cancel = tokio_util::sync::CancellationToken::new();
+        "run" => {
+            // Start-up as `serve` does it: apply the declared streams, import what is new.
             let cpu0 = cpu_seconds();
             let t0 = Instant::now();
+            let to_import = engine.apply_declared(&config.streams).await.unwrap();
+            istream::memory::trim();
+            let after_apply = rss_mb();
+            engine.import_specs(to_import).await;
+            istream::memory::trim();
+            let startup = t0.elapsed().as_secs_f64();
+            let after_import = rss_mb();
+            let startup_cpu = cpu_seconds() - cpu0;
+            // Steady state: every tag due at once (period 1 h), none changes.
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let cpu1 = cpu_seconds();
+            let t1 = Instant::now();
             let task = tokio::spawn(sched.without_start_spread().run(cancel.clone()));
             while CHECKS.load(Ordering::Relaxed) < n as u64 {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            let secs = t0.elapsed().as_secs_f64();
-            let cpu = cpu_seconds() - cpu0;
+            let secs = t1.elapsed().as_secs_f64();
+            let cpu = cpu_seconds() - cpu1;
             cancel.cancel();
             let _ = task.await;
-            println!("{{\"n\":{n},\"secs\":{secs},\"cpu\":{cpu}}}");
+            let before_trim = rss_mb();
+            // `serve` trims once a minute (istream::memory); steady RSS is after that.
+            istream::memory::trim();
+            eprintln!("rss MB after checks before trim {before_trim:.1}");
+            eprintln!(
+                "rss MB: base {base:.1}, config {after_config:.1}, applied {after_apply:.1}, imported {after_import:.1}, after checks {:.1}, peak {:.1}",
+                rss_mb(),
+                peak_rss_mb()
+            );
+            println!(
+                "{{\"startup\":{startup},\"startup_cpu\":{startup_cpu},\"secs\":{secs},\"cpu\":{cpu},\"rss_mb\":{},\"steady_rss_mb\":{}}}",
+                peak_rss_mb(),
+                rss_mb()
+            );
         }
         _ => {
-            let (_e, sched) = open(db, "24h");
-            let cancel = tokio_util::sync::CancellationToken::new();
-            let task = tokio::spawn(sched.run(cancel.clone()));
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let cpu0 = cpu_seconds();
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let idle_cpu_pct = (cpu_seconds() - cpu0) / 5.0 * 100.0;
-            let rss = peak_rss_mb();
-            cancel.cancel();
-            let _ = task.await;
+            // Per-change store cost: one tag of the stream moves between two images.
+            let to_import = engine.apply_declared(&config.streams).await.unwrap();
+            engine.import_specs(to_import).await;
+            let tag = istream::model::StreamTagRef::parse("bench/s0:t0", "bench").unwrap();
+            let spec = TagSpec {
+                scheduled: true,
+                ..TagSpec::new(TagFrom::Image(format!("{host}/bench/app:latest")))
+            };
+            let r = istream::model::ImageRef::parse(&format!("{host}/bench/app:latest")).unwrap();
+            let mut times = Vec::new();
+            for i in 0..400u32 {
+                let res = istream::registry::Resolved {
+                    digest: Digest::parse(&format!("sha256:{:064x}", i % 2 + 1)).unwrap(),
+                    media_type: None,
+                    platforms: vec![],
+                    unchanged: false,
+                };
+                let t0 = Instant::now();
+                engine
+                    .record_import(&tag, &spec, Ok((r.clone(), res)), Cause::Schedule, false)
+                    .await
+                    .unwrap();
+                times.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
             println!(
-                "{{\"n\":{n},\"rss_mb\":{rss},\"idle_cpu_pct\":{idle_cpu_pct},\"checks\":{}}}",
-                CHECKS.load(Ordering::Relaxed)
+                "{{\"p50\":{},\"p99\":{}}}",
+                percentile(&times, 0.5),
+                percentile(&times, 0.99)
             );
         }
     }
 }
 
-/// Runs one scenario in a fresh process (peak RSS is per process), on a store built first.
-async fn run_child(mode: &str, host: &str, n: usize, digest: &str) -> serde_json::Value {
+/// Runs one scenario in a fresh process (peak RSS is per process) on a new store.
+async fn run_child(mode: &str, host: &str, n: usize, one_stream: bool) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db").display().to_string();
-    build(&db, host, n, digest).await;
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["--child", mode, &db, &n.to_string()])
+        .args([
+            "--child",
+            mode,
+            &db,
+            host,
+            &n.to_string(),
+            if one_stream { "one" } else { "many" },
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -195,12 +235,20 @@ async fn run_child(mode: &str, host: &str, n: usize, digest: &str) -> serde_json
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // As `istream serve` does (see istream::memory).
+    istream::memory::limit_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     if args.get(1).map(String::as_str) == Some("--child") {
-        rt.block_on(child(&args[2], &args[3], args[4].parse().unwrap()));
+        rt.block_on(child(
+            &args[2],
+            &args[3],
+            &args[4],
+            args[5].parse().unwrap(),
+            args[6] == "one",
+        ));
         return;
     }
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it,
@@ -217,18 +265,43 @@ fn main() {
         let cond = baseline(&reg.host, Some(&digest), 5).await;
         println!("registry baseline (plain HTTP loop, 8 connections): HEAD {plain:.0}/s; HEAD with If-None-Match {cond:.0}/s");
         println!();
-        println!("{:>8}  {:>10}  {:>14}  {:>16}", "tags", "checks/s", "ratio to HEAD", "CPU s/1000 chk");
-        for n in [1000, 10_000] {
-            let r = run_child("checks", &reg.host, n, &digest).await;
+        println!(
+            "{:>6}  {:>14}  {:>10}  {:>9}  {:>10}  {:>8}  {:>8}  {:>12}",
+            "tags", "in streams of", "start-up s", "checks/s", "to HEAD", "CPU s/1k", "RSS MB", "start CPU s"
+        );
+        let mut rows = Vec::new();
+        for (n, one) in [(10_000, true), (10_000, false), (4_000, true)] {
+            let r = run_child("run", &reg.host, n, one).await;
             let rate = n as f64 / r["secs"].as_f64().unwrap();
             let cpu_per_k = r["cpu"].as_f64().unwrap() / n as f64 * 1000.0;
-            println!("{n:>8}  {rate:>10.0}  {:>14.2}  {cpu_per_k:>16.3}", rate / plain);
+            println!(
+                "{n:>6}  {:>14}  {:>10.2}  {rate:>9.0}  {:>10.2}  {cpu_per_k:>8.3}  {:>8.1}  {:>12.2}",
+                if one { n.to_string() } else { "100".into() },
+                r["startup"].as_f64().unwrap(),
+                rate / plain,
+                r["rss_mb"].as_f64().unwrap(),
+                r["startup_cpu"].as_f64().unwrap(),
+            );
+            rows.push((r, rate));
         }
+        let (one, many) = (&rows[0], &rows[1]);
+        println!(
+            "one stream / 100 streams: start-up {:.2}x, checks/s {:.2}x, RSS {:.2}x",
+            one.0["startup"].as_f64().unwrap() / many.0["startup"].as_f64().unwrap(),
+            one.1 / many.1,
+            one.0["rss_mb"].as_f64().unwrap() / many.0["rss_mb"].as_f64().unwrap()
+        );
         println!();
-        println!("{:>8}  {:>12}  {:>14}", "tags", "peak RSS MB", "idle CPU %");
-        for n in [4000, 100_000] {
-            let r = run_child("rss", &reg.host, n, &digest).await;
-            println!("{n:>8}  {:>12.1}  {:>14.2}", r["rss_mb"].as_f64().unwrap(), r["idle_cpu_pct"].as_f64().unwrap());
+        println!("per-change store cost (record_import of a new digest, 400 changes):");
+        println!("{:>22}  {:>9}  {:>9}", "stream", "p50 ms", "p99 ms");
+        for n in [1, 10_000] {
+            let r = run_child("change", &reg.host, n, true).await;
+            println!(
+                "{:>22}  {:>9.3}  {:>9.3}",
+                format!("1 of {n} tags"),
+                r["p50"].as_f64().unwrap(),
+                r["p99"].as_f64().unwrap()
+            );
         }
     });
 }

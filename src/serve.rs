@@ -97,9 +97,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => 0,
     };
     let to_import = engine.apply_declared(&config.streams).await?;
+    crate::memory::trim();
     {
         let engine = engine.clone();
-        tracker.spawn(async move { engine.import_specs(to_import).await });
+        tracker.spawn(async move {
+            engine.import_specs(to_import).await;
+            crate::memory::trim();
+        });
     }
     tracker.spawn(crate::bus::run_publisher(
         store.clone(),
@@ -114,6 +118,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     tracker.spawn(triggers.clone().run_deliverer(cancel.clone()));
     tracker.spawn(scheduler.run(cancel.clone()));
+    tracker.spawn(crate::memory::run_trimmer(cancel.clone()));
     if let Some((store, cluster)) = shared {
         tracker.spawn(crate::cluster::run_watcher(
             engine.clone(),

@@ -151,6 +151,7 @@ pub struct TagArgs {
 }
 
 pub fn main() -> ExitCode {
+    crate::memory::limit_arenas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
