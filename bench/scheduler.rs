@@ -263,11 +263,12 @@ fn main() {
         let digest = support::Pusher::new(&reg.host).image("bench/app", "latest", "bench").await;
         let plain = baseline(&reg.host, None, 5).await;
         let cond = baseline(&reg.host, Some(&digest), 5).await;
-        println!("registry baseline (plain HTTP loop, 8 connections): HEAD {plain:.0}/s; HEAD with If-None-Match {cond:.0}/s");
+        println!("registry baseline (plain HTTP loop, 8 connections): HEAD {plain:.0}/s; HEAD with If-None-Match {cond:.0}/s (INM: what a check sends)");
+        println!("RSS in MB; peak is the process high-water mark (start-up included), steady is after the trim serve runs once a minute");
         println!();
         println!(
-            "{:>6}  {:>14}  {:>10}  {:>9}  {:>10}  {:>8}  {:>8}  {:>12}",
-            "tags", "in streams of", "start-up s", "checks/s", "to HEAD", "CPU s/1k", "RSS MB", "start CPU s"
+            "{:>6}  {:>14}  {:>10}  {:>9}  {:>8}  {:>8}  {:>8}  {:>9}  {:>10}  {:>12}",
+            "tags", "in streams of", "start-up s", "checks/s", "to HEAD", "to INM", "CPU s/1k", "peak RSS", "steady RSS", "start CPU s"
         );
         let mut rows = Vec::new();
         for (n, one) in [(10_000, true), (10_000, false), (4_000, true)] {
@@ -275,11 +276,13 @@ fn main() {
             let rate = n as f64 / r["secs"].as_f64().unwrap();
             let cpu_per_k = r["cpu"].as_f64().unwrap() / n as f64 * 1000.0;
             println!(
-                "{n:>6}  {:>14}  {:>10.2}  {rate:>9.0}  {:>10.2}  {cpu_per_k:>8.3}  {:>8.1}  {:>12.2}",
+                "{n:>6}  {:>14}  {:>10.2}  {rate:>9.0}  {:>8.2}  {:>8.2}  {cpu_per_k:>8.3}  {:>9.1}  {:>10.1}  {:>12.2}",
                 if one { n.to_string() } else { "100".into() },
                 r["startup"].as_f64().unwrap(),
                 rate / plain,
+                rate / cond,
                 r["rss_mb"].as_f64().unwrap(),
+                r["steady_rss_mb"].as_f64().unwrap(),
                 r["startup_cpu"].as_f64().unwrap(),
             );
             rows.push((r, rate));
