@@ -311,14 +311,18 @@ impl<'a> Locator<'a> {
             .split_once('=')
             .map(|(k, _)| k.trim().trim_start_matches('{').trim().to_string())
             .filter(|k| !k.is_empty() && !k.starts_with('['));
-        let section = lines[..line_no.saturating_sub(1)]
+        // The table the line belongs to: the line itself when it is a table header (an
+        // unknown table is about itself, not the table above it).
+        let section = lines[..line_no.min(lines.len())]
             .iter()
             .rev()
             .find(|l| l.trim_start().starts_with('['))
             .map(|l| l.trim().trim_matches(['[', ']']).trim().to_string());
+        let is_header = line.trim_start().starts_with('[');
         let key = match (section, key) {
             (Some(s), Some(k)) => format!(" key `{s}.{k}`:"),
             (None, Some(k)) => format!(" key `{k}`:"),
+            (Some(s), None) if is_header => format!(" table `[{s}]`:"),
             (Some(s), None) => format!(" in `[{s}]`:"),
             (None, None) => String::new(),
         };
@@ -429,13 +433,21 @@ pub fn expand_home(p: &str) -> PathBuf {
     }
 }
 
+/// The longest duration any key takes: every period, timeout and age fits in a year, and
+/// longer ones would overflow the clocks they are added to.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 fn duration(loc: &Locator, path: &[P], s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s).map_err(|e| {
+    let d = humantime::parse_duration(s).map_err(|e| {
         loc.err(
             path,
             format!("\"{s}\" is not a duration like 30s or 15m: {e}"),
         )
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(loc.err(path, format!("\"{s}\" is longer than the 366 days maximum")));
+    }
+    Ok(d)
 }
 
 fn url(loc: &Locator, path: &[P], s: &str) -> Result<reqwest::Url, ConfigError> {
@@ -649,10 +661,10 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             return Err(loc.err(&p("username"), "a password needs a username"));
         }
         let rps = r.max_requests_per_second.unwrap_or(20.0);
-        if rps.is_nan() || rps < 0.0 {
+        if !(rps == 0.0 || (0.001..=1_000_000.0).contains(&rps)) {
             return Err(loc.err(
                 &p("max_requests_per_second"),
-                "must be 0 (unlimited) or more",
+                format!("{rps} must be 0 (unlimited) or between 0.001 and 1000000"),
             ));
         }
         let conc = r.max_concurrency.unwrap_or(8);

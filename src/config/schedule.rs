@@ -18,6 +18,9 @@ impl Schedule {
             if d < Duration::from_secs(1) {
                 return Err(format!("\"{s}\" is shorter than the 1s minimum"));
             }
+            if d > super::MAX_DURATION {
+                return Err(format!("\"{s}\" is longer than the 366 days maximum"));
+            }
             return Ok(Schedule::Interval(d));
         }
         let fields = s.split_whitespace().count();

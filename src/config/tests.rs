@@ -186,3 +186,45 @@ fn new_keys_of_the_scale_out_and_hardening_reject_bad_values() {
         2
     );
 }
+
+/// Issue 15: durations and rates that passed validation and then overflowed.
+#[test]
+fn durations_and_rates_are_bounded_at_load() {
+    for (text, key) in [
+        ("[schedule]\ninterval = \"1000000y\"\n", "schedule.interval"),
+        (
+            "[delivery]\nmax_backoff = \"1000000y\"\n",
+            "delivery.max_backoff",
+        ),
+        (
+            "[[registry]]\nhost = \"r.example\"\nmax_requests_per_second = 1e-300\n",
+            "registry[0].max_requests_per_second",
+        ),
+        (
+            "[[registry]]\nhost = \"r.example\"\nmax_requests_per_second = -1\n",
+            "registry[0].max_requests_per_second",
+        ),
+        (
+            "[[stream]]\nname = \"s\"\ntags = [{ name = \"t\", from.image = \"r.example/a:1\", scheduled = true, schedule = \"1000000y\" }]\n",
+            "stream[0].tags[0]",
+        ),
+    ] {
+        let e = load(text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("triggers.toml:") && e.contains(key),
+            "{text:?}: {e}"
+        );
+    }
+    assert!(load("[schedule]\ninterval = \"366days\"\n").is_ok());
+    assert!(load("[[registry]]\nhost = \"r.example\"\nmax_requests_per_second = 0\n").is_ok());
+}
+
+/// Issue 15: an unknown table after another was reported as being inside that other one.
+#[test]
+fn unknown_tables_are_named_as_themselves() {
+    let e = load("[store]\npath = \"x.db\"\n\n[bogus]\nkey = 1\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("triggers.toml:4:"), "{e}");
+    assert!(e.contains("bogus") && !e.contains("[store]"), "{e}");
+}

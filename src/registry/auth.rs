@@ -61,6 +61,9 @@ impl Challenge {
     }
 }
 
+/// Tokens are re-fetched at least daily, whatever lifetime a registry announces.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Default)]
 pub struct TokenCache {
     /// (registry, scope) -> (Authorization header value, valid until).
@@ -82,10 +85,11 @@ impl TokenCache {
             let now = Instant::now();
             entries.retain(|_, (_, until)| *until > now);
         }
-        entries.insert(
-            (registry.to_string(), scope.to_string()),
-            (value, Instant::now() + ttl),
-        );
+        // A registry's `expires_in` is untrusted: a huge one must not overflow the clock.
+        let until = Instant::now()
+            .checked_add(ttl.min(MAX_TOKEN_TTL))
+            .unwrap_or_else(Instant::now);
+        entries.insert((registry.to_string(), scope.to_string()), (value, until));
     }
 
     /// Answers a challenge: fetches a bearer token (anonymous or with credentials) or builds
@@ -187,7 +191,12 @@ impl TokenCache {
                         detail: "token reply has no token".into(),
                     })?;
                 // Refresh a little before expiry; the spec's default lifetime is 60 s.
-                let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(10) - 5);
+                let ttl = Duration::from_secs(
+                    t.expires_in
+                        .unwrap_or(60)
+                        .clamp(10, MAX_TOKEN_TTL.as_secs())
+                        - 5,
+                );
                 let value = format!("Bearer {token}");
                 self.put(registry, scope, value.clone(), ttl);
                 Ok(value)
@@ -228,5 +237,13 @@ mod tests {
         );
         assert_eq!(Challenge::parse("Bearer service=x"), None);
         assert_eq!(Challenge::parse("Negotiate"), None);
+    }
+
+    /// Issue 15: `expires_in` near u64::MAX overflowed `Instant + ttl` and panicked.
+    #[test]
+    fn huge_token_lifetimes_do_not_overflow() {
+        let cache = TokenCache::default();
+        cache.put("r", "s", "Bearer x".into(), Duration::MAX);
+        assert_eq!(cache.get("r", "s").as_deref(), Some("Bearer x"));
     }
 }

@@ -21,6 +21,9 @@ struct Bucket {
     last: Instant,
 }
 
+/// The longest a request waits for a token or a pause (a day).
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 impl HostBudget {
     pub fn new(rate: f64, concurrency: usize) -> HostBudget {
         HostBudget {
@@ -62,7 +65,10 @@ impl HostBudget {
                     b.tokens -= 1.0;
                     break;
                 }
-                Duration::from_secs_f64((1.0 - b.tokens) / b.rate)
+                // A rate too small to wait for (validated away in config) still cannot panic.
+                Duration::try_from_secs_f64((1.0 - b.tokens) / b.rate)
+                    .unwrap_or(MAX_WAIT)
+                    .min(MAX_WAIT)
             };
             tokio::time::sleep(wait).await;
         }
@@ -71,7 +77,10 @@ impl HostBudget {
 
     /// Holds every request to this host until `d` from now (a later pause wins).
     pub fn pause_for(&self, d: Duration) {
-        let until = Instant::now() + d;
+        // `Retry-After` is the registry's word, capped so a hostile one cannot stop us forever.
+        let Some(until) = Instant::now().checked_add(d.min(MAX_WAIT)) else {
+            return;
+        };
         let mut p = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_none_or(|cur| cur < until) {
             *p = Some(until);
@@ -106,5 +115,17 @@ mod tests {
         let t = Instant::now();
         drop(b.acquire().await);
         assert!(t.elapsed() >= Duration::from_secs(5));
+    }
+
+    /// Issue 15: a rate of 1e-300 made the wait overflow `Duration`; a huge `Retry-After`
+    /// overflowed the clock.
+    #[tokio::test(start_paused = true)]
+    async fn tiny_rates_and_huge_pauses_do_not_panic() {
+        let b = HostBudget::new(1e-300, 1);
+        drop(b.acquire().await); // the burst token
+        let waited = tokio::time::timeout(Duration::from_secs(1), b.acquire()).await;
+        assert!(waited.is_err(), "waits (a day at most) instead of panicking");
+        b.pause_for(Duration::MAX);
+        assert!(b.paused_until().is_some());
     }
 }
