@@ -106,6 +106,81 @@ fn m() -> &'static Metrics {
     })
 }
 
+/// The reasons an import can fail with (`RegistryError::reason`).
+const REASONS: [&str; 6] = [
+    "NotFound",
+    "Unauthorized",
+    "RateLimited",
+    "Unreachable",
+    "InvalidResponse",
+    "Unsupported",
+];
+
+/// Creates every metric family with its known label values at zero, so that dashboards and
+/// alerts (`rate(istream_import_failures_total[5m]) > 0`) exist before the first occurrence.
+pub fn init(config: &crate::config::Config) {
+    use crate::model::event::{
+        IMPORT_FAILED, TAG_CHANGED, TAG_DELETED, TRIGGER_DEAD, TRIGGER_DELIVERED,
+    };
+    let m = m();
+    for cause in ["import", "schedule", "push", "tag", "rollback"] {
+        zero(&m.tag_changes, vec![("cause", cause.to_string())]);
+    }
+    for reason in REASONS {
+        zero(&m.import_failures, vec![("reason", reason.to_string())]);
+    }
+    for r in &config.registries {
+        for result in std::iter::once("ok").chain(REASONS) {
+            zero(
+                &m.checks,
+                vec![("registry", r.host.clone()), ("result", result.to_string())],
+            );
+        }
+        zero(&m.rate_limit_pauses, vec![("registry", r.host.clone())]);
+    }
+    let bus = if config.nats.is_some() {
+        "nats"
+    } else {
+        "inprocess"
+    };
+    for kind in [
+        TAG_CHANGED,
+        IMPORT_FAILED,
+        TAG_DELETED,
+        TRIGGER_DELIVERED,
+        TRIGGER_DEAD,
+    ] {
+        zero(
+            &m.events_published,
+            vec![("bus", bus.to_string()), ("type", kind.to_string())],
+        );
+    }
+    for t in &config.triggers {
+        for result in ["delivered", "retry", "dead"] {
+            zero(
+                &m.deliveries,
+                vec![("trigger", t.name.clone()), ("result", result.to_string())],
+            );
+        }
+    }
+    for source in crate::hooks::SOURCES {
+        for result in ["accepted", "unauthorized", "malformed"] {
+            zero(
+                &m.hooks,
+                vec![
+                    ("source", source.to_string()),
+                    ("result", result.to_string()),
+                ],
+            );
+        }
+    }
+}
+
+/// A counter at zero for these labels (the family then shows it).
+fn zero(f: &Family<Labels, Counter>, labels: Labels) {
+    let _ = f.get_or_create(&labels);
+}
+
 pub fn tag_event(e: &Event) {
     match e.kind.as_str() {
         crate::model::event::TAG_CHANGED => {

@@ -20,6 +20,7 @@ use crate::store::nats::NatsStore;
 use crate::trigger::Triggers;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    crate::metrics::init(&config);
     let config = Arc::new(config);
     let bus = match &config.nats {
         Some(n) => Bus::Nats(Box::new(NatsBus::connect(n).await?)),

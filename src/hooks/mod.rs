@@ -24,6 +24,9 @@ pub use parse::Push;
 #[doc(hidden)]
 pub use parse::parse as parse_for_fuzz;
 
+/// The senders `/hooks/<source>` takes.
+pub const SOURCES: [&str; 4] = ["registry", "harbor", "dockerhub", "quay"];
+
 #[derive(Default)]
 pub struct HookState {
     /// Re-checks running per `registry/repo:tag`; true when another push arrived meanwhile.
@@ -80,7 +83,7 @@ pub async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !["registry", "harbor", "dockerhub", "quay"].contains(&source.as_str()) {
+    if !SOURCES.contains(&source.as_str()) {
         return ApiError(
             StatusCode::NOT_FOUND,
             format!("unknown hook source \"{source}\" (registry, harbor, dockerhub, quay)"),

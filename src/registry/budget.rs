@@ -124,7 +124,10 @@ mod tests {
         let b = HostBudget::new(1e-300, 1);
         drop(b.acquire().await); // the burst token
         let waited = tokio::time::timeout(Duration::from_secs(1), b.acquire()).await;
-        assert!(waited.is_err(), "waits (a day at most) instead of panicking");
+        assert!(
+            waited.is_err(),
+            "waits (a day at most) instead of panicking"
+        );
         b.pause_for(Duration::MAX);
         assert!(b.paused_until().is_some());
     }

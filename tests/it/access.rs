@@ -198,6 +198,42 @@ async fn api_tokens_and_scopes() {
     assert!(!e.log.text().contains("team-a-token") && !e.log.text().contains("reader-token"));
 }
 
+/// Issue 15: every family exists from the start, with its known label values at zero, so an
+/// alert on import failures can be written before the first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_is_there_from_the_start() {
+    let e = Engine::start(
+        "[[registry]]\nhost = \"127.0.0.1:9\"\n\n[[trigger]]\nname = \"t\"\non = [\"a:latest\"]\nwebhook = { url = \"http://127.0.0.1:9/x\" }\n",
+    );
+    let text = e.get("/metrics").await.text().await.unwrap();
+    for family in [
+        "istream_tag_changes",
+        "istream_import_failures",
+        "istream_registry_checks",
+        "istream_events_published",
+        "istream_outbox_depth",
+        "istream_scheduled_tags",
+        "istream_deliveries",
+        "istream_delivery_seconds",
+        "istream_hook_requests",
+        "istream_rate_limit_pauses",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{text}"
+        );
+    }
+    for line in [
+        "istream_import_failures_total{reason=\"NotFound\"} 0",
+        "istream_tag_changes_total{cause=\"push\"} 0",
+        "istream_registry_checks_total{registry=\"127.0.0.1:9\",result=\"Unreachable\"} 0",
+        "istream_deliveries_total{trigger=\"t\",result=\"dead\"} 0",
+        "istream_hook_requests_total{source=\"harbor\",result=\"accepted\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_changes() {
     let reg = Registry::start();
