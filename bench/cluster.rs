@@ -7,6 +7,8 @@
 //! - Scheduled checks per second with one, two and three `istream serve` replicas sharing
 //!   one nats-server, 2,000 tags due every second (more than the registry serves), beside
 //!   the registry's own manifest HEAD rate measured with a plain HTTP loop in the same run.
+// Test and benchmark code: a failed unwrap is a failed run, which is what it should be.
+#![allow(clippy::unwrap_used, unreachable_pub)]
 
 #[path = "../tests/it/support/mod.rs"]
 #[allow(unused_imports)]

@@ -8,6 +8,8 @@
 //!    the durable bookkeeping on, next to a plain HTTP POST loop to the same receiver;
 //! 3. push: manifest PUT at the registry → trigger request received, with the registry's own
 //!    notification delay measured alone.
+// Test and benchmark code: a failed unwrap is a failed run, which is what it should be.
+#![allow(clippy::unwrap_used, unreachable_pub)]
 
 #[path = "../tests/it/support/mod.rs"]
 #[allow(unused_imports)]

@@ -10,6 +10,8 @@
 //!   the registry's own rate, and CPU seconds per 1,000 checks; peak RSS of the process;
 //! - per-change store cost (p50/p99 of recording a new digest) in a 1-tag and a 10,000-tag
 //!   stream.
+// Test and benchmark code: a failed unwrap is a failed run, which is what it should be.
+#![allow(clippy::unwrap_used, unreachable_pub)]
 
 #[path = "../tests/it/support/mod.rs"]
 #[allow(unused_imports)]

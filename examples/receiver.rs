@@ -2,6 +2,7 @@
 //!
 //! `HOOK_SECRET=... cargo run --example receiver -- 127.0.0.1:9000`, then a trigger with
 //! `webhook = { url = "http://127.0.0.1:9000/hooks/app", secret_env = "HOOK_SECRET" }`.
+#![allow(clippy::unwrap_used)]
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};

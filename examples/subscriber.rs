@@ -2,6 +2,7 @@
 //! left off after a restart (the consumer `istream-example` remembers its position).
 //!
 //! `cargo run --example subscriber -- [nats://127.0.0.1:4222] [istream]`
+#![allow(clippy::unwrap_used)]
 
 use futures_util::StreamExt;
 

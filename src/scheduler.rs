@@ -81,18 +81,6 @@ impl DueQueue {
         self.versions.remove(key);
     }
 
-    pub fn contains(&self, key: &str) -> bool {
-        self.versions.contains_key(key)
-    }
-
-    pub fn len(&self) -> usize {
-        self.versions.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.versions.is_empty()
-    }
-
     /// The earliest live due time.
     pub fn peek(&mut self) -> Option<Instant> {
         while let Some(Reverse((due, v, key))) = self.heap.peek() {

@@ -7,7 +7,7 @@ pub mod auth;
 mod openapi;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -212,7 +212,7 @@ pub fn tls_acceptor(
         .with_single_cert(certs, key)
         .map_err(|e| format!("TLS certificate and key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -682,7 +682,7 @@ async fn watch(
 /// Runs an operation to its end even if the client goes away meanwhile: an import that was
 /// started is recorded (image or condition), never left half done by a dropped request.
 async fn detached<T: Send + 'static>(
-    work: impl std::future::Future<Output = Result<T, CoreError>> + Send + 'static,
+    work: impl Future<Output = Result<T, CoreError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::spawn(work)
         .await
@@ -693,11 +693,6 @@ async fn detached<T: Send + 'static>(
             )
         })?
         .map_err(ApiError::from)
-}
-
-/// Whether a peer address is loopback, for the no-token default.
-pub fn is_loopback(addr: &ConnectInfo<SocketAddr>) -> bool {
-    addr.0.ip().is_loopback()
 }
 
 pub fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {

@@ -5,21 +5,21 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 #[derive(Debug)]
-pub enum CliError {
+pub(super) enum CliError {
     /// Bad usage: exit 2.
     Usage(String),
     /// The operation failed: exit 1.
     Failed(String),
 }
 
-pub struct Client {
+pub(super) struct Client {
     base: String,
     http: reqwest::Client,
     token: Option<String>,
 }
 
 impl Client {
-    pub fn new(
+    pub(super) fn new(
         server: &str,
         token: Option<&str>,
         ca: Option<&std::path::Path>,
@@ -88,7 +88,7 @@ impl Client {
         Err(CliError::Failed(msg))
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+    pub(super) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
         let resp = self
             .finish(self.req(reqwest::Method::GET, path).send().await)
             .await?;
@@ -97,7 +97,7 @@ impl Client {
             .map_err(|e| CliError::Failed(format!("unreadable answer from the engine: {e}")))
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(
+    pub(super) async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
@@ -116,7 +116,7 @@ impl Client {
     }
 
     /// POSTs and reads the answer as JSON lines, handing each to `each` as it arrives.
-    pub async fn post_lines<B: Serialize>(
+    pub(super) async fn post_lines<B: Serialize>(
         &self,
         path: &str,
         body: &B,
@@ -148,14 +148,14 @@ impl Client {
         Ok(())
     }
 
-    pub async fn delete(&self, path: &str) -> Result<(), CliError> {
+    pub(super) async fn delete(&self, path: &str) -> Result<(), CliError> {
         self.finish(self.req(reqwest::Method::DELETE, path).send().await)
             .await
             .map(|_| ())
     }
 
     /// Opens a server-sent event stream.
-    pub async fn stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
+    pub(super) async fn stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
         self.finish(
             self.req(reqwest::Method::GET, path)
                 .header("accept", "text/event-stream")

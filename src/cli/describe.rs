@@ -6,7 +6,7 @@ use super::client::{CliError, Client};
 use crate::core::view::{StreamView, TagView};
 use crate::model::{StreamImageRef, StreamName, StreamTagRef, TagFrom};
 
-pub fn ago(t: DateTime<Utc>) -> String {
+pub(super) fn ago(t: DateTime<Utc>) -> String {
     let secs = (Utc::now() - t).num_seconds();
     let (n, unit) = match secs {
         s if s < 0 => return "just now".into(),
@@ -27,7 +27,7 @@ fn until(t: DateTime<Utc>) -> String {
     }
 }
 
-pub fn source_line(t: &TagView) -> String {
+pub(super) fn source_line(t: &TagView) -> String {
     match &t.spec.from {
         TagFrom::Image(r) if t.spec.scheduled && !r.contains('@') => {
             format!("updates automatically from registry {r}")
@@ -39,7 +39,7 @@ pub fn source_line(t: &TagView) -> String {
     }
 }
 
-pub async fn run(c: &Client, ns: &str, what: &str) -> Result<(), CliError> {
+pub(super) async fn run(c: &Client, ns: &str, what: &str) -> Result<(), CliError> {
     let usage = |m: String| CliError::Usage(m);
     let (kind, name) = what.split_once('/').ok_or_else(|| {
         usage(format!(
@@ -135,7 +135,7 @@ pub async fn run(c: &Client, ns: &str, what: &str) -> Result<(), CliError> {
     }
 }
 
-pub fn stream_text(s: &StreamView) -> String {
+pub(super) fn stream_text(s: &StreamView) -> String {
     let mut o = String::new();
     o += &format!("Name:\t\t\t{}\n", s.name);
     o += &format!("Namespace:\t\t{}\n", s.namespace);
@@ -184,7 +184,7 @@ pub fn stream_text(s: &StreamView) -> String {
     o
 }
 
-pub fn tag_text(v: &TagView) -> String {
+pub(super) fn tag_text(v: &TagView) -> String {
     let mut o = String::new();
     o += &format!("Name:\t\t{}:{}\n", v.stream, v.tag);
     o += &format!("Namespace:\t{}\n", v.namespace);

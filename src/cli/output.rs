@@ -10,7 +10,10 @@ use crate::core::view::{StreamView, TagView};
 use crate::model::{Event, StreamName, StreamTagRef};
 use crate::trigger::TriggerView;
 
-pub fn print_value<T: serde::Serialize>(v: &T, format: Option<&str>) -> Result<(), CliError> {
+pub(super) fn print_value<T: serde::Serialize>(
+    v: &T,
+    format: Option<&str>,
+) -> Result<(), CliError> {
     let json = serde_json::to_value(v).map_err(|e| CliError::Failed(e.to_string()))?;
     match format {
         Some("yaml") => print!("{}", to_yaml(&json)),
@@ -23,7 +26,7 @@ pub fn print_value<T: serde::Serialize>(v: &T, format: Option<&str>) -> Result<(
 }
 
 /// A small YAML emitter for JSON values: block style, strings JSON-quoted (valid YAML).
-pub fn to_yaml(v: &serde_json::Value) -> String {
+pub(super) fn to_yaml(v: &serde_json::Value) -> String {
     fn scalar(v: &serde_json::Value) -> String {
         match v {
             serde_json::Value::String(s) => serde_json::to_string(s).unwrap_or_default(),
@@ -75,7 +78,7 @@ pub fn to_yaml(v: &serde_json::Value) -> String {
 }
 
 /// Prints import/tag results; exit 1 when any tag's import failed.
-pub fn operation(
+pub(super) fn operation(
     op: &OperationView,
     format: Option<&str>,
     ns: &str,
@@ -132,7 +135,7 @@ pub fn operation(
 
 /// `import-image --all`: a line per tag as it is imported, then a summary; exit 1 when any
 /// tag failed.
-pub async fn import_all_progress(
+pub(super) async fn import_all_progress(
     c: &Client,
     ns: &str,
     body: &serde_json::Value,
@@ -176,7 +179,7 @@ pub async fn import_all_progress(
 }
 
 /// Exit 0 when nothing failed, else exit 1 naming each failure.
-pub fn failures(verb: &str, failed: &[String]) -> Result<(), CliError> {
+pub(super) fn failures(verb: &str, failed: &[String]) -> Result<(), CliError> {
     if failed.is_empty() {
         Ok(())
     } else {
@@ -187,7 +190,7 @@ pub fn failures(verb: &str, failed: &[String]) -> Result<(), CliError> {
     }
 }
 
-pub async fn get(
+pub(super) async fn get(
     c: &Client,
     ns: &str,
     kind: &str,
@@ -307,7 +310,7 @@ pub async fn get(
     }
 }
 
-pub fn print_table(rows: &[Vec<String>]) {
+pub(super) fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|i| {
@@ -327,7 +330,7 @@ pub fn print_table(rows: &[Vec<String>]) {
     }
 }
 
-pub async fn watch(
+pub(super) async fn watch(
     c: &Client,
     ns: &str,
     name: Option<&str>,
@@ -406,7 +409,11 @@ fn watch_line(e: &Event) -> String {
     }
 }
 
-pub async fn triggers(c: &Client, args: &[String], format: Option<&str>) -> Result<(), CliError> {
+pub(super) async fn triggers(
+    c: &Client,
+    args: &[String],
+    format: Option<&str>,
+) -> Result<(), CliError> {
     match args {
         [retry, name] if retry == "retry" => {
             let v: serde_json::Value = c

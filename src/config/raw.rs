@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Raw {
+pub(super) struct Raw {
     #[serde(default)]
     pub server: Server,
     #[serde(default)]
@@ -33,19 +33,19 @@ pub struct Raw {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct History {
+pub(super) struct History {
     pub max_entries: Option<usize>,
 }
 
 impl Raw {
-    pub fn deserialize_value(v: toml::Value) -> Result<Raw, toml::de::Error> {
+    pub(super) fn deserialize_value(v: toml::Value) -> Result<Raw, toml::de::Error> {
         v.try_into()
     }
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Server {
+pub(super) struct Server {
     pub listen: Option<String>,
     pub allow_unauthenticated: Option<bool>,
     pub max_body_bytes: Option<usize>,
@@ -57,14 +57,14 @@ pub struct Server {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Store {
+pub(super) struct Store {
     pub kind: Option<String>,
     pub path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Nats {
+pub(super) struct Nats {
     pub url: Option<String>,
     pub subject_prefix: Option<String>,
     pub jetstream: Option<bool>,
@@ -75,21 +75,21 @@ pub struct Nats {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Schedule {
+pub(super) struct Schedule {
     pub interval: Option<String>,
     pub max_import_all: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HookSource {
+pub(super) struct HookSource {
     pub token_env: Option<String>,
     pub token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Hooks {
+pub(super) struct Hooks {
     pub token_env: Option<String>,
     pub token_file: Option<String>,
     pub max_concurrency: Option<usize>,
@@ -100,7 +100,7 @@ pub struct Hooks {
 }
 
 impl Hooks {
-    pub fn sources(&self) -> Vec<(&'static str, &HookSource)> {
+    pub(super) fn sources(&self) -> Vec<(&'static str, &HookSource)> {
         [
             ("registry", &self.registry),
             ("dockerhub", &self.dockerhub),
@@ -115,14 +115,14 @@ impl Hooks {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Api {
+pub(super) struct Api {
     #[serde(default)]
     pub token: Vec<ApiToken>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ApiToken {
+pub(super) struct ApiToken {
     pub name: String,
     pub token_env: Option<String>,
     pub token_file: Option<String>,
@@ -133,7 +133,7 @@ pub struct ApiToken {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Registry {
+pub(super) struct Registry {
     pub host: String,
     pub insecure: Option<bool>,
     pub username: Option<String>,
@@ -149,7 +149,7 @@ pub struct Registry {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Stream {
+pub(super) struct Stream {
     pub name: String,
     pub namespace: Option<String>,
     #[serde(default)]
@@ -158,7 +158,7 @@ pub struct Stream {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct From {
+pub(super) struct From {
     pub image: Option<String>,
     pub tag: Option<String>,
     pub digest: Option<String>,
@@ -166,7 +166,7 @@ pub struct From {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StreamTag {
+pub(super) struct StreamTag {
     pub name: String,
     pub from: From,
     pub alias: Option<bool>,
@@ -178,7 +178,7 @@ pub struct StreamTag {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Trigger {
+pub(super) struct Trigger {
     pub name: String,
     #[serde(default)]
     pub on: Vec<String>,
@@ -194,7 +194,7 @@ pub struct Trigger {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Webhook {
+pub(super) struct Webhook {
     pub url: String,
     pub secret_env: Option<String>,
     pub secret_file: Option<String>,
@@ -208,7 +208,7 @@ pub struct Webhook {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Github {
+pub(super) struct Github {
     pub repo: String,
     pub event_type: Option<String>,
     pub workflow: Option<String>,
@@ -221,7 +221,7 @@ pub struct Github {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Gitlab {
+pub(super) struct Gitlab {
     pub project: String,
     pub r#ref: Option<String>,
     pub token_env: Option<String>,
@@ -232,7 +232,7 @@ pub struct Gitlab {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Jenkins {
+pub(super) struct Jenkins {
     pub job_url: String,
     pub user: String,
     pub token_env: Option<String>,
@@ -242,7 +242,7 @@ pub struct Jenkins {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Delivery {
+pub(super) struct Delivery {
     pub max_attempts: Option<u32>,
     pub max_age: Option<String>,
     pub initial_backoff: Option<String>,

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use super::{RegistryError, credentials::Credentials, describe_reqwest, read_limited};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Challenge {
+pub(super) enum Challenge {
     Bearer {
         realm: String,
         service: Option<String>,
@@ -21,7 +21,7 @@ pub enum Challenge {
 
 impl Challenge {
     /// Parses `Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`.
-    pub fn parse(h: &str) -> Option<Challenge> {
+    pub(super) fn parse(h: &str) -> Option<Challenge> {
         let (scheme, params) = h.trim().split_once(' ').unwrap_or((h.trim(), ""));
         if scheme.eq_ignore_ascii_case("basic") {
             return Some(Challenge::Basic);
@@ -65,13 +65,13 @@ impl Challenge {
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Default)]
-pub struct TokenCache {
+pub(super) struct TokenCache {
     /// (registry, scope) -> (Authorization header value, valid until).
     entries: Mutex<HashMap<(String, String), (String, Instant)>>,
 }
 
 impl TokenCache {
-    pub fn get(&self, registry: &str, scope: &str) -> Option<String> {
+    pub(super) fn get(&self, registry: &str, scope: &str) -> Option<String> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
             .get(&(registry.to_string(), scope.to_string()))
@@ -94,7 +94,7 @@ impl TokenCache {
 
     /// Answers a challenge: fetches a bearer token (anonymous or with credentials) or builds
     /// basic auth, caches it, and returns the `Authorization` value.
-    pub async fn authorize(
+    pub(super) async fn authorize(
         &self,
         client: &reqwest::Client,
         registry: &str,

@@ -9,12 +9,12 @@ use base64::Engine as _;
 use crate::config::{RegistryConfig, Secret};
 
 #[derive(Debug, Clone)]
-pub struct Credentials {
+pub(super) struct Credentials {
     pub username: String,
     pub password: Secret,
 }
 
-pub fn lookup(host: &str, cfg: Option<&RegistryConfig>) -> Option<Credentials> {
+pub(super) fn lookup(host: &str, cfg: Option<&RegistryConfig>) -> Option<Credentials> {
     if let Some(c) = cfg
         && let (Some(u), Some(p)) = (&c.username, &c.password)
     {

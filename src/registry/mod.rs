@@ -300,11 +300,6 @@ impl RegistryClient {
             .clone()
     }
 
-    /// The budget of a host, for the scheduler's pause-aware ordering and for tests.
-    pub fn host_state(&self, host: &str) -> Arc<Host> {
-        self.host(host)
-    }
-
     /// Resolves a reference to the digest a registry publishes for it (and, with a platform,
     /// that platform's manifest digest).
     pub async fn resolve(

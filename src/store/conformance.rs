@@ -1,6 +1,9 @@
 //! Behaviour every store must have, run against each implementation: by the unit tests for
 //! SQLite and by the integration tests (which start a nats-server) for JetStream.
 
+// A test suite: a failed unwrap is a failed check.
+#![allow(clippy::unwrap_used)]
+
 use super::*;
 use crate::model::*;
 use chrono::Utc;

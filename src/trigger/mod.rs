@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{DeliveryConfig, TriggerConfig};
 use crate::core::{CoreError, Engine};
 use crate::model::event::TAG_CHANGED;
-use crate::model::{Event, EventData, ImageStream, StreamTagRef};
+use crate::model::{Event, EventData, ImageStream};
 use crate::store::{Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError};
 
 pub struct Triggers {
@@ -123,11 +123,6 @@ impl Triggers {
             http,
             wake: Notify::new(),
         })
-    }
-
-    /// Fires what is due for one tag (`ns/stream:tag`), for every trigger watching it.
-    pub async fn plan(&self, tag_key: &str) {
-        self.plan_many(&[tag_key.to_string()]).await
     }
 
     /// Plans several tags, reading each stream once however many of its tags are watched,
@@ -427,10 +422,5 @@ impl Triggers {
         let n = self.engine.store.retry_dead(name, now_ms()).await?;
         self.wake.notify_one();
         Ok(n)
-    }
-
-    /// Whether any trigger watches a stream tag (used to validate nothing; for docs/tests).
-    pub fn watches(&self, t: &StreamTagRef) -> bool {
-        self.configs.iter().any(|c| c.on.contains(t))
     }
 }

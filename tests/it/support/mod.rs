@@ -22,7 +22,7 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: Future<Output = Option<T>>,
 {
     let start = Instant::now();
     loop {
@@ -752,10 +752,7 @@ pub fn watch_lines(url: &str, stream: &str) -> (Child, std::sync::mpsc::Receiver
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
