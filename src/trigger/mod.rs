@@ -214,6 +214,7 @@ impl Triggers {
         all.sort();
         all.dedup();
         self.plan_many(&all).await;
+        tracing::info!(tags = all.len(), "start-up trigger planning done");
         // Replicas: a replica that died between a change and its planning leaves work that
         // only a sweep finds, so the owner of each watched tag plans it again now and then.
         let mut sweep = tokio::time::interval(SWEEP);

@@ -154,7 +154,17 @@ jenkins = {{ job_url = \"{u}/job/app\", user = \"bot\", token_env = \"T_JK\" }}
     expect_code(&e.cli(&["import-image", "app"]), 0);
     let mut e = e;
     e.restart();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The planner has looked at every watched tag again: had it fired, the delivery would
+    // now be queued, so wait for the deliverer to have had its turn too.
+    wait_for("start-up planning after the restart", || async {
+        e.log.find("start-up trigger planning done")
+    })
+    .await;
+    let o = e.cli(&["triggers", "-o", "json"]);
+    let all: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for t in all.as_array().unwrap() {
+        assert_eq!(t["pending"], 0, "nothing queued again: {t}");
+    }
     assert_eq!(rx.requests().len(), 5);
     // secrets never reach the log
     for s in [
