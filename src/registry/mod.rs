@@ -200,7 +200,7 @@ pub struct Host {
     budget: HostBudget,
     /// Scheme learned for an insecure host: None until the first answer.
     scheme: Mutex<Option<&'static str>>,
-    creds: Option<credentials::Credentials>,
+    creds: credentials::Source,
     insecure: bool,
     timeout: Duration,
 }
@@ -292,7 +292,7 @@ impl RegistryClient {
                         .unwrap_or_else(|| Endpoint::implied(name)),
                     budget: HostBudget::new(rps, conc),
                     scheme: Mutex::new(None),
-                    creds: credentials::lookup(name, cfg),
+                    creds: credentials::Source::new(name, cfg),
                     insecure: cfg.map(|c| c.insecure).unwrap_or(false),
                     timeout: cfg.map_or(Duration::from_secs(30), |c| c.timeout),
                 })
@@ -504,7 +504,13 @@ impl RegistryClient {
                 };
                 authorization = Some(
                     self.tokens
-                        .authorize(client, &host.name, &scope, &c, host.creds.as_ref())
+                        .authorize(
+                            client,
+                            &host.name,
+                            &scope,
+                            &c,
+                            host.creds.get().await.as_ref(),
+                        )
                         .await?,
                 );
                 continue;
