@@ -68,7 +68,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let triggers = Triggers::new(engine.clone(), &config.triggers, config.delivery.clone());
     let ready = Arc::new(AtomicBool::new(false));
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
     let state = AppState {
+        tasks: tracker.clone(),
+        shutdown: cancel.clone(),
         engine: engine.clone(),
         config: config.clone(),
         scheduler: sched_handle,
@@ -77,8 +81,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         hooks: Arc::new(crate::hooks::HookState::new(config.hooks.max_concurrency)),
     };
 
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
     tracker.spawn(crate::api::serve(listener, state, tls, cancel.clone()));
     if config.api_tokens.is_empty() {
         tracing::info!("no [[api.token]] declared: the API serves loopback clients only");
@@ -136,9 +138,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     cancel.cancel();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
-        .await
-        .is_err()
+    // The HTTP server drains for up to its grace period; the rest stop at the cancel.
+    if tokio::time::timeout(
+        crate::api::SHUTDOWN_GRACE + Duration::from_secs(5),
+        tracker.wait(),
+    )
+    .await
+    .is_err()
     {
         tracing::warn!(
             "some tasks did not stop within 10s; pending work resumes at the next start"

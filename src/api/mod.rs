@@ -39,6 +39,11 @@ pub struct AppState {
     pub triggers: Arc<Triggers>,
     pub ready: Arc<AtomicBool>,
     pub hooks: Arc<crate::hooks::HookState>,
+    /// Every task a request starts (connections, detached imports, hook re-checks): `serve`
+    /// waits for them at shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Fires at shutdown: endless responses (`watch`) end so their connections can drain.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// An API error: status and a one-line message naming the thing at fault.
@@ -124,6 +129,7 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     cancel: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
+    let tasks = state.tasks.clone();
     let router = router(state);
     // One accept loop for HTTP and HTTPS, so both get the same limits: request headers must
     // arrive within HEADER_READ_TIMEOUT and fit in MAX_HEADER_BYTES (else 431), and bodies
@@ -137,9 +143,10 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
     let http = Arc::new(http);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -153,13 +160,15 @@ pub async fn serve(
         let acceptor = tls.clone();
         let http = http.clone();
         let app = router.clone().layer(axum::Extension(ConnectInfo(peer)));
-        tokio::spawn(async move {
+        let watcher = graceful.watcher();
+        tasks.spawn(async move {
             let service = hyper_util::service::TowerToHyperService::new(app);
             match acceptor {
                 None => {
-                    let _ = http
+                    let conn = http
                         .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
+                        .into_owned();
+                    let _ = watcher.watch(conn).await;
                 }
                 Some(acceptor) => {
                     let stream =
@@ -172,17 +181,30 @@ pub async fn serve(
                             }
                             Err(_) => return,
                         };
-                    let _ = http
+                    let conn = http
                         .serve_connection_with_upgrades(
                             hyper_util::rt::TokioIo::new(stream),
                             service,
                         )
-                        .await;
+                        .into_owned();
+                    let _ = watcher.watch(conn).await;
                 }
             }
         });
     }
+    // Stop accepting; requests in flight finish and idle connections close, within the grace.
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+    }
+    Ok(())
 }
+
+/// How long in-flight requests get to finish at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a client may take to send a request's headers (and the TLS handshake).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -494,7 +516,7 @@ async fn import(
         && header_str(&headers, "accept").is_some_and(|a| a.contains("application/x-ndjson"));
     if !streaming {
         let engine = s.engine.clone();
-        let outcomes = detached(async move { engine.import_image(&req).await }).await?;
+        let outcomes = detached(&s, async move { engine.import_image(&req).await }).await?;
         return Ok(results(&s, outcomes).await?.into_response());
     }
     // `--all` with progress: one JSON line per event — `{"total": N}`, then a result per tag
@@ -503,10 +525,12 @@ async fn import(
     req.progress = Some(tx.clone());
     let (line_tx, line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let state = s.clone();
-    tokio::spawn(async move {
+    s.tasks.spawn(async move {
         let engine = state.engine.clone();
         let errors = line_tx.clone();
-        let work = tokio::spawn(async move { engine.import_image(&req).await });
+        let work = state
+            .tasks
+            .spawn(async move { engine.import_image(&req).await });
         drop(tx);
         let mut rx = rx;
         while let Some(p) = rx.recv().await {
@@ -609,7 +633,7 @@ async fn tag(
         platform: b.platform,
     };
     let engine = s.engine.clone();
-    let outcomes = detached(async move { engine.tag(&req).await }).await?;
+    let outcomes = detached(&s, async move { engine.tag(&req).await }).await?;
     results(&s, outcomes).await
 }
 
@@ -662,7 +686,11 @@ async fn watch(
     let ns = q.namespace.clone().unwrap_or_else(|| "default".into());
     caller.allow(&ns, Verb::Read)?;
     let rx = s.engine.events.subscribe();
-    let stream = BroadcastStream::new(rx).filter_map(move |e| {
+    let stream = futures_util::StreamExt::take_until(
+        BroadcastStream::new(rx),
+        s.shutdown.clone().cancelled_owned(),
+    );
+    let stream = stream.filter_map(move |e| {
         let e = e.ok()?;
         if e.data.namespace != ns
             || q.stream.as_ref().is_some_and(|x| *x != e.data.stream)
@@ -682,9 +710,11 @@ async fn watch(
 /// Runs an operation to its end even if the client goes away meanwhile: an import that was
 /// started is recorded (image or condition), never left half done by a dropped request.
 async fn detached<T: Send + 'static>(
+    s: &AppState,
     work: impl Future<Output = Result<T, CoreError>> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::spawn(work)
+    s.tasks
+        .spawn(work)
         .await
         .map_err(|e| {
             ApiError(

@@ -125,7 +125,7 @@ pub async fn handle(
         }
         let state = s.clone();
         let hooks = hooks.clone();
-        tokio::spawn(async move {
+        s.tasks.spawn(async move {
             let _permit = match &hooks.limit {
                 Some(l) => l.clone().acquire_owned().await.ok(),
                 None => None,

@@ -225,3 +225,46 @@ fn deploy_configs_start_the_engine() {
         let _ = child.wait();
     }
 }
+
+/// Issue 15: SIGTERM stops accepting, lets the request in flight finish (its import is
+/// recorded and answered), then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_request_in_flight() {
+    // A registry that answers slowly (and uselessly: the import fails, recorded as such).
+    let slow = receiver::Receiver::start().await;
+    slow.set_delay(std::time::Duration::from_millis(1500));
+    let host = slow.url.trim_start_matches("http://").to_string();
+    let mut e = Engine::start("");
+    let url = e.url.clone();
+    let from = format!("--from={host}/slow/app:1");
+    let cli = std::thread::spawn(move || {
+        Command::new(bin())
+            .args([
+                "--server",
+                &url,
+                "import-image",
+                "slow:1",
+                &from,
+                "--confirm",
+            ])
+            .output()
+            .unwrap()
+    });
+    wait_for("the import to reach the registry", || async {
+        (slow.len() > 0).then_some(())
+    })
+    .await;
+    e.stop();
+    let out = cli.join().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid response") || err.contains("InvalidResponse"),
+        "the client got the import's answer, not a dropped connection: {err}"
+    );
+    assert!(e.log.find("shutting down").is_some());
+    // The import finished before the exit: its failure is on the tag.
+    e.restart();
+    let t = e.istag("slow:1").unwrap();
+    assert_eq!(t["conditions"][0]["reason"], "InvalidResponse", "{t}");
+}
