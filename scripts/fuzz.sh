@@ -17,7 +17,7 @@ run() {
   local t="$1"
   mkdir -p "target/fuzz-corpus/$t"
   nice -n 10 cargo +nightly fuzz run -O "$t" "target/fuzz-corpus/$t" "fuzz/seeds/$t" -- \
-    -max_total_time="$secs" -print_final_stats=1 > "target/fuzz-$t.log" 2>&1
+    -max_total_time="$secs" -max_len=20000 -print_final_stats=1 > "target/fuzz-$t.log" 2>&1
   echo "$t: $(grep -E '^stat::number_of_executed_units' "target/fuzz-$t.log" | awk '{print $2}') runs in ${secs}s, exit 0"
 }
 status=0

@@ -110,4 +110,49 @@ mod tests {
             let _ = crate::trigger::template::check(&s);
         }
     }
+
+    /// Inputs far past every length limit, with multi-byte characters at every offset: the
+    /// 4,096-byte reference limit once sliced inside a character.
+    #[test]
+    fn long_inputs_never_panic() {
+        for ch in ["a", "\u{20ac}", "\u{1f433}", "/", ":", "@"] {
+            for n in [63, 64, 65, 1000, 1400, 4097, 20_000] {
+                for prefix in ["", "x", "xy", "xyz", "r.example/"] {
+                    let s = format!("{prefix}{}", ch.repeat(n));
+                    let _ = ImageRef::parse(&s);
+                    let _ = StreamTagRef::parse(&s, "default");
+                    let _ = StreamImageRef::parse(&s, "default");
+                    let _ = crate::config::Schedule::parse(&s);
+                }
+            }
+        }
+    }
+
+    /// Durations and schedules from config and the API: huge, negative, malformed.
+    #[test]
+    fn duration_and_schedule_parsers_never_panic() {
+        let seeds = [
+            "15m",
+            "1s",
+            "366days",
+            "1000000y",
+            "18446744073709551615s",
+            "0.5s",
+            "-1s",
+            "*/5 * * * *",
+            "0 0 31 2 *",
+            "@hourly",
+            "59 23 * * 7 2099",
+        ];
+        let now = chrono::Utc::now();
+        for s in inputs(&seeds, 4_000) {
+            if let Ok(sch) = crate::config::Schedule::parse(&s) {
+                let next = sch.next_after(now);
+                assert!(next > now, "{s:?}");
+                let _ = sch.period(now);
+            }
+            let text = format!("[schedule]\ninterval = {s:?}\n[delivery]\nmax_backoff = {s:?}\n");
+            let _ = Config::from_str(std::path::Path::new("fuzz.toml"), &text);
+        }
+    }
 }
