@@ -79,9 +79,16 @@ mod tests {
             r#"{"type":"PUSH_ARTIFACT","event_data":{"resources":[{"digest":"sha256:x","tag":"v1","resource_url":"h.example/p/a:v1"}],"repository":{"repo_full_name":"p/a"}}}"#,
             r#"{"push_data":{"tag":"3"},"repository":{"repo_name":"python"}}"#,
             r#"{"docker_url":"quay.io/a/b","updated_tags":["x"]}"#,
+            include_str!("../tests/data/hooks/ghcr-package-published.json"),
+            include_str!("../tests/data/hooks/gitea-package-created.json"),
+            include_str!("../tests/data/hooks/artifactory-docker-pushed.json"),
+            include_str!("../tests/data/hooks/nexus-component-created.json"),
+            include_str!("../tests/data/hooks/acr-push.json"),
+            include_str!("../tests/data/hooks/ecr-image-action.json"),
+            include_str!("../tests/data/hooks/gar-pubsub-push.json"),
         ];
-        for s in inputs(&seeds, 20_000) {
-            for src in ["registry", "harbor", "dockerhub", "quay"] {
+        for s in inputs(&seeds, 12_000) {
+            for src in crate::hooks::SOURCES {
                 let _ = hook_parse(src, s.as_bytes());
             }
         }

@@ -101,8 +101,12 @@ pub struct ScheduleConfig {
 #[derive(Debug, Clone)]
 pub struct HooksConfig {
     pub token: Option<Secret>,
-    /// Per-source overrides (`registry`, `dockerhub`, `harbor`, `quay`).
+    /// Per-source overrides (`registry`, `dockerhub`, `harbor`, `quay`, `ghcr`, ...).
     pub tokens: BTreeMap<String, Secret>,
+    /// `[hooks.<source>] registry`: the host for senders whose payload names none.
+    pub registries: BTreeMap<String, String>,
+    /// `[hooks.artifactory] subdomain`: Artifactory's subdomain access method.
+    pub artifactory_subdomain: bool,
     /// Most hook requests handled at once.
     pub max_concurrency: usize,
 }
@@ -569,7 +573,24 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         max_import_all: raw.schedule.max_import_all.unwrap_or(50),
     };
     let mut hook_tokens = BTreeMap::new();
+    let mut hook_registries = BTreeMap::new();
     for (name, t) in raw.hooks.sources() {
+        if let Some(r) = &t.registry {
+            let host = crate::model::reference::canonical_host(r);
+            if !crate::model::reference::is_registry_host(host) {
+                return Err(loc.err(
+                    &[K("hooks"), K(name), K("registry")],
+                    format!("\"{r}\" is not a registry host[:port]"),
+                ));
+            }
+            hook_registries.insert(name.to_string(), host.to_string());
+        }
+        if t.subdomain.is_some() && name != "artifactory" {
+            return Err(loc.err(
+                &[K("hooks"), K(name), K("subdomain")],
+                "only [hooks.artifactory] has a subdomain access method",
+            ));
+        }
         if let Some(s) = secret(
             loc,
             &[K("hooks"), K(name), K("token_env")],
@@ -587,6 +608,13 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             &raw.hooks.token_file,
         )?,
         tokens: hook_tokens,
+        registries: hook_registries,
+        artifactory_subdomain: raw
+            .hooks
+            .artifactory
+            .as_ref()
+            .and_then(|a| a.subdomain)
+            .unwrap_or(false),
         max_concurrency: raw.hooks.max_concurrency.unwrap_or(64),
     };
 

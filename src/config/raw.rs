@@ -85,6 +85,8 @@ pub(super) struct Schedule {
 pub(super) struct HookSource {
     pub token_env: Option<String>,
     pub token_file: Option<String>,
+    pub registry: Option<String>,
+    pub subdomain: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +99,13 @@ pub(super) struct Hooks {
     pub dockerhub: Option<HookSource>,
     pub harbor: Option<HookSource>,
     pub quay: Option<HookSource>,
+    pub ghcr: Option<HookSource>,
+    pub gitea: Option<HookSource>,
+    pub artifactory: Option<HookSource>,
+    pub nexus: Option<HookSource>,
+    pub acr: Option<HookSource>,
+    pub ecr: Option<HookSource>,
+    pub gar: Option<HookSource>,
 }
 
 impl Hooks {
@@ -106,6 +115,13 @@ impl Hooks {
             ("dockerhub", &self.dockerhub),
             ("harbor", &self.harbor),
             ("quay", &self.quay),
+            ("ghcr", &self.ghcr),
+            ("gitea", &self.gitea),
+            ("artifactory", &self.artifactory),
+            ("nexus", &self.nexus),
+            ("acr", &self.acr),
+            ("ecr", &self.ecr),
+            ("gar", &self.gar),
         ]
         .into_iter()
         .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))

@@ -369,8 +369,13 @@ impl Engine {
         }
     }
 
-    /// The tags (stream key, tag) that may track `reference`, building the index on first use.
-    async fn tags_tracking(&self, reference: &str) -> Result<Vec<(String, String)>, CoreError> {
+    /// The tags (stream key, tag) that may track `reference` (with `any_tag`: any tag of its
+    /// repository, `reference` ending in `:`), building the index on first use.
+    async fn tags_tracking(
+        &self,
+        reference: &str,
+        any_tag: bool,
+    ) -> Result<Vec<(String, String)>, CoreError> {
         let built = self
             .tracking
             .lock()
@@ -397,9 +402,19 @@ impl Engine {
             }
         }
         let guard = self.tracking.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(guard
-            .as_ref()
-            .and_then(|i| i.get(reference))
+        let Some(index) = guard.as_ref() else {
+            return Ok(Vec::new());
+        };
+        if any_tag {
+            // Rare (a digest-only notification): a scan of the index, not of the store.
+            return Ok(index
+                .iter()
+                .filter(|(r, _)| r.starts_with(reference))
+                .flat_map(|(_, s)| s.iter().cloned())
+                .collect());
+        }
+        Ok(index
+            .get(reference)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default())
     }
@@ -1045,9 +1060,13 @@ impl Engine {
             .await;
     }
 
-    /// A push announced by a registry: every tag tracking `registry/repo:tag` is re-checked
-    /// (the notification is a hint) and moved with cause `push`. Returns the tags checked with
-    /// the digest the registry answered.
+    /// A push announced by a registry: every tag tracking `registry/repo:tag` (every tracked
+    /// tag of the repository when `tag` is empty) is re-checked (the notification is a hint)
+    /// and moved with cause `push`. A failed re-check records nothing: the registry may not
+    /// have linked the tag yet, and a push that succeeded must never leave
+    /// `ImportSuccess=False` (the caller looks again). `create_in` (an internal registry) gets
+    /// a tag only once the re-check found the image. Returns the tags checked with the digest
+    /// the registry answered (None: the re-check failed).
     pub async fn pushed(
         &self,
         registry: &str,
@@ -1057,10 +1076,8 @@ impl Engine {
     ) -> Result<Vec<(StreamTagRef, Option<Digest>)>, CoreError> {
         let mut targets: Vec<(StreamTagRef, TagSpec)> = Vec::new();
         let mut streams = Vec::new();
-        for (key, name) in self
-            .tags_tracking(&format!("{registry}/{repository}:{tag}"))
-            .await?
-        {
+        let wanted = format!("{registry}/{repository}:{tag}");
+        for (key, name) in self.tags_tracking(&wanted, tag.is_empty()).await? {
             if let Some(l) = self.store.load(&key, Scope::Tags(vec![name])).await? {
                 streams.push(l.doc);
             }
@@ -1072,7 +1089,7 @@ impl Engine {
                     && r.registry == registry
                     && r.repository == repository
                     && r.digest.is_none()
-                    && r.tag.as_deref() == Some(tag)
+                    && (tag.is_empty() || r.tag.as_deref() == Some(tag))
                 {
                     targets.push((
                         StreamTagRef::new(StreamName::new(&s.namespace, &s.name)?, name)?,
@@ -1083,38 +1100,39 @@ impl Engine {
         }
         targets.sort_by(|a, b| a.0.cmp(&b.0));
         targets.dedup_by(|a, b| a.0 == b.0);
+        let mut done = Vec::new();
         if targets.is_empty()
+            && !tag.is_empty()
             && let Some(dest) = create_in
         {
-            let spec = TagSpec::new(TagFrom::Image(format!("{registry}/{repository}:{tag}")));
-            let s2 = spec.clone();
-            self.mutate(
-                &dest.stream,
-                true,
-                Scope::Tags(vec![dest.tag.clone()]),
-                |s| {
-                    if !s.tags.contains_key(&dest.tag) {
-                        s.set_spec(&dest.tag, s2.clone());
-                    }
-                    Ok(())
-                },
-            )
-            .await?;
-            let cur = self
-                .store
-                .load(&dest.stream.key(), Scope::Tags(vec![dest.tag.clone()]))
-                .await?
-                .map(|l| l.doc);
-            if let Some(t) = cur.as_ref().and_then(|c| c.tags.get(&dest.tag)) {
-                targets.push((dest.clone(), t.spec.clone()));
+            let spec = TagSpec::new(TagFrom::Image(wanted.clone()));
+            let result = self.resolve(&spec, None).await;
+            let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
+            if result.is_ok() {
+                self.mutate(
+                    &dest.stream,
+                    true,
+                    Scope::Tags(vec![dest.tag.clone()]),
+                    |s| {
+                        if !s.tags.contains_key(&dest.tag) {
+                            s.set_spec(&dest.tag, spec.clone());
+                            apply_result(s, &dest.tag, &spec, &result, Cause::Push);
+                        }
+                        Ok(())
+                    },
+                )
+                .await?;
             }
+            done.push((dest, seen));
+            return Ok(done);
         }
-        let mut done = Vec::new();
         for (t, spec) in targets {
             let result = self.resolve(&spec, None).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
-            self.record_import(&t, &spec, result, Cause::Push, false)
-                .await?;
+            if result.is_ok() {
+                self.record_import(&t, &spec, result, Cause::Push, false)
+                    .await?;
+            }
             done.push((t, seen));
         }
         Ok(done)

@@ -22,10 +22,83 @@ pub use parse::Push;
 
 /// The payload parsers, for the robustness tests and the fuzz targets.
 #[doc(hidden)]
-pub use parse::parse as parse_for_fuzz;
+/// The parsers with a default context (registry `registry.example`), for fuzzing.
+pub fn parse_for_fuzz(source: &str, body: &[u8]) -> Result<parse::Parsed, String> {
+    let ctx = parse::Context {
+        registry: Some("registry.example".into()),
+        subdomain: false,
+    };
+    parse::parse(source, body, &ctx)
+}
 
 /// The senders `/hooks/<source>` takes.
-pub const SOURCES: [&str; 4] = ["registry", "harbor", "dockerhub", "quay"];
+pub const SOURCES: [&str; 11] = [
+    "registry",
+    "harbor",
+    "dockerhub",
+    "quay",
+    "ghcr",
+    "gitea",
+    "artifactory",
+    "nexus",
+    "acr",
+    "ecr",
+    "gar",
+];
+
+/// How a sender proves it knows the hook secret.
+#[derive(Clone, Copy)]
+enum Proof {
+    /// The secret itself: `Authorization: Bearer`, `X-Istream-Token` or `?token=`.
+    Token,
+    /// `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>` (GitHub).
+    GithubHmac,
+    /// `X-Gitea-Signature` / `X-Forgejo-Signature`: hex HMAC-SHA256 of the body.
+    GiteaHmac,
+    /// `X-JFrog-Event-Auth`: the secret, or (payload signing) hex HMAC-SHA256 of the body.
+    Jfrog,
+    /// `X-Nexus-Webhook-Signature`: hex HMAC-SHA1 of the body.
+    NexusHmac,
+}
+
+fn proof_of(source: &str) -> Proof {
+    match source {
+        "ghcr" => Proof::GithubHmac,
+        "gitea" => Proof::GiteaHmac,
+        "artifactory" => Proof::Jfrog,
+        "nexus" => Proof::NexusHmac,
+        _ => Proof::Token,
+    }
+}
+
+fn hmac_hex<M: hmac::Mac + hmac::digest::KeyInit>(key: &[u8], body: &[u8]) -> String {
+    let mut m = <M as hmac::digest::KeyInit>::new_from_slice(key).expect("HMAC takes any key");
+    m.update(body);
+    hex::encode(m.finalize().into_bytes())
+}
+
+/// Constant-time comparison of a presented hex signature with the expected one.
+fn same_hex(presented: Option<&str>, expected: &str) -> bool {
+    presented.is_some_and(|p| {
+        bool::from(
+            p.trim()
+                .to_ascii_lowercase()
+                .as_bytes()
+                .ct_eq(expected.as_bytes()),
+        )
+    })
+}
+
+/// The event header a sender uses to say what happened, and the one value that is a push
+/// notification; any other event is acknowledged and ignored.
+fn wanted_event(source: &str) -> Option<(&'static [&'static str], &'static str)> {
+    match source {
+        "ghcr" => Some((&["x-github-event"], "package")),
+        "gitea" => Some((&["x-gitea-event", "x-forgejo-event"], "package")),
+        "nexus" => Some((&["x-nexus-webhook-id"], "rm:repository:component")),
+        _ => None,
+    }
+}
 
 #[derive(Default)]
 pub struct HookState {
@@ -50,6 +123,7 @@ fn authorized(
     source: &str,
     headers: &HeaderMap,
     query: Option<&str>,
+    body: &[u8],
     peer: SocketAddr,
 ) -> bool {
     let secret: Option<&Secret> = s.config.hooks.tokens.get(source).or(s
@@ -61,6 +135,29 @@ fn authorized(
         // No secret configured: like the API, serve loopback peers only.
         return peer.ip().is_loopback();
     };
+    type Sha256Mac = hmac::Hmac<sha2::Sha256>;
+    let key = secret.expose().as_bytes();
+    let header = |n: &str| crate::api::header_str(headers, n);
+    match proof_of(source) {
+        Proof::GithubHmac => {
+            let sig = header("x-hub-signature-256").and_then(|v| v.trim().strip_prefix("sha256="));
+            return same_hex(sig, &hmac_hex::<Sha256Mac>(key, body));
+        }
+        Proof::GiteaHmac => {
+            let sig = header("x-gitea-signature").or_else(|| header("x-forgejo-signature"));
+            return same_hex(sig, &hmac_hex::<Sha256Mac>(key, body));
+        }
+        Proof::NexusHmac => {
+            let sig = header("x-nexus-webhook-signature");
+            return same_hex(sig, &hmac_hex::<hmac::Hmac<sha1::Sha1>>(key, body));
+        }
+        Proof::Jfrog => {
+            let auth = header("x-jfrog-event-auth");
+            return auth.is_some_and(|a| bool::from(a.trim().as_bytes().ct_eq(key)))
+                || same_hex(auth, &hmac_hex::<Sha256Mac>(key, body));
+        }
+        Proof::Token => {}
+    }
     let presented = crate::api::header_str(headers, "authorization")
         .map(|v| {
             v.strip_prefix("Bearer ")
@@ -86,19 +183,43 @@ pub async fn handle(
     if !SOURCES.contains(&source.as_str()) {
         return ApiError(
             StatusCode::NOT_FOUND,
-            format!("unknown hook source \"{source}\" (registry, harbor, dockerhub, quay)"),
+            format!("unknown hook source \"{source}\" ({})", SOURCES.join(", ")),
         )
         .into_response();
     }
-    if !authorized(&s, &source, &headers, query.as_deref(), peer) {
+    if !authorized(&s, &source, &headers, query.as_deref(), &body, peer) {
         crate::metrics::hook(&source, "unauthorized");
+        let how = match proof_of(&source) {
+            Proof::Token => "the hook token (Authorization: Bearer, X-Istream-Token or ?token=)",
+            Proof::GithubHmac => "a valid X-Hub-Signature-256",
+            Proof::GiteaHmac => "a valid X-Gitea-Signature or X-Forgejo-Signature",
+            Proof::Jfrog => "a valid X-JFrog-Event-Auth",
+            Proof::NexusHmac => "a valid X-Nexus-Webhook-Signature",
+        };
         return ApiError(
             StatusCode::UNAUTHORIZED,
-            format!("/hooks/{source} needs the hook token (Authorization: Bearer)"),
+            format!("/hooks/{source} needs {how}"),
         )
         .into_response();
     }
-    let pushes = match parse::parse(&source, &body) {
+    if let Some((names, want)) = wanted_event(&source) {
+        let event = names
+            .iter()
+            .find_map(|n| crate::api::header_str(&headers, n));
+        if event.is_some_and(|e| e != want) {
+            crate::metrics::hook(&source, "accepted");
+            return (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({"accepted": true, "ignored": format!("event {}", event.unwrap_or(""))})),
+            )
+                .into_response();
+        }
+    }
+    let ctx = parse::Context {
+        registry: s.config.hooks.registries.get(source.as_str()).cloned(),
+        subdomain: source == "artifactory" && s.config.hooks.artifactory_subdomain,
+    };
+    let pushes = match parse::parse(&source, &body, &ctx) {
         Ok(p) => {
             for why in &p.skipped {
                 tracing::warn!(source = %source, reason = %why, "hook event skipped; the others are handled");
@@ -172,10 +293,13 @@ async fn recheck(s: &AppState, p: &Push) {
                 return;
             }
             Ok(tags) => {
-                let stale = p.digest.as_ref().is_some_and(|want| {
-                    tags.iter()
-                        .any(|(_, seen)| seen.as_ref().is_none_or(|d| d.as_str() != want))
-                });
+                // Not linked yet (NotFound), or not yet the notified digest: look again.
+                let failed = tags.iter().any(|(_, seen)| seen.is_none());
+                let stale = failed
+                    || p.digest.as_ref().is_some_and(|want| {
+                        tags.iter()
+                            .any(|(_, seen)| seen.as_ref().is_none_or(|d| d.as_str() != want))
+                    });
                 if stale && attempt < 9 {
                     tokio::time::sleep(delay).await;
                     delay *= 2;
