@@ -306,7 +306,15 @@ async fn recheck(s: &AppState, p: &Push) {
                     continue;
                 }
                 for (t, seen) in tags {
-                    tracing::info!(tag = %t, digest = seen.as_ref().map(|d| d.as_str()).unwrap_or(""), registry = %p.registry, repository = %p.repository, "re-checked after push");
+                    match seen {
+                        Some(d) => {
+                            tracing::info!(tag = %t, digest = d.as_str(), registry = %p.registry, repository = %p.repository, "re-checked after push")
+                        }
+                        // Nothing recorded: the scheduled checks (if any) report real failures.
+                        None => {
+                            tracing::warn!(tag = %t, registry = %p.registry, repository = %p.repository, "push re-check gave up: the registry does not show the notified image")
+                        }
+                    }
                 }
                 return;
             }

@@ -150,3 +150,233 @@ async fn quay_and_harbor_payloads_trigger_a_recheck() {
     })
     .await;
 }
+
+/// How a request proves the secret, per sender (SPEC 9).
+fn sign(source: &str, secret: &str, body: &[u8]) -> Vec<(&'static str, String)> {
+    use hmac::Mac;
+    let sha256 = || {
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        m.update(body);
+        hex::encode(m.finalize().into_bytes())
+    };
+    match source {
+        "ghcr" => vec![
+            ("x-github-event", "package".into()),
+            ("x-hub-signature-256", format!("sha256={}", sha256())),
+        ],
+        "gitea" => vec![
+            ("x-gitea-event", "package".into()),
+            ("x-gitea-signature", sha256()),
+        ],
+        "artifactory" => vec![("x-jfrog-event-auth", secret.into())],
+        "nexus" => {
+            let mut m = hmac::Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).unwrap();
+            m.update(body);
+            vec![
+                ("x-nexus-webhook-id", "rm:repository:component".into()),
+                (
+                    "x-nexus-webhook-signature",
+                    hex::encode(m.finalize().into_bytes()),
+                ),
+            ]
+        }
+        _ => vec![("authorization", format!("Bearer {secret}"))],
+    }
+}
+
+async fn post_signed(url: &str, headers: &[(&str, String)], body: &[u8]) -> u16 {
+    istream::registry::install_crypto();
+    let mut r = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    for (k, v) in headers {
+        r = r.header(*k, v);
+    }
+    r.send().await.unwrap().status().as_u16()
+}
+
+/// Every sender of SPEC 9, end to end against a real registry: its documented payload with its
+/// proof moves a tracked tag (cause `push`); a forged proof is 401, a malformed body 400, and
+/// neither moves anything. Hosts that cannot be reached from here (ghcr.io, ECR, Artifact
+/// Registry) go to the local registry through `[[registry]] endpoint`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_push_source_moves_its_tag() {
+    let reg = Registry::start();
+    let h = reg.host.clone();
+    let push = Pusher::new(&h);
+    let fixture = |f: &str| {
+        std::fs::read_to_string(format!(
+            "{}/tests/data/hooks/{f}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    };
+    // (source, fixture, the payload with the local host put in, the reference it names,
+    //  the local repository behind it, the token variable)
+    let gar_body = {
+        let v: serde_json::Value = serde_json::from_str(&fixture("gar-pubsub-push.json")).unwrap();
+        v.to_string()
+    };
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        (
+            "ghcr",
+            fixture("ghcr-package-published.json"),
+            "ghcr.io/octo-org/app:v1".into(),
+            "octo-org/app",
+        ),
+        (
+            "gitea",
+            fixture("gitea-package-created.json"),
+            format!("{h}/team/gitea-app:v1"),
+            "team/gitea-app",
+        ),
+        (
+            "artifactory",
+            fixture("artifactory-docker-pushed.json"),
+            format!("{h}/docker-local/team/jfrog-app:v1"),
+            "docker-local/team/jfrog-app",
+        ),
+        (
+            "nexus",
+            fixture("nexus-component-created.json"),
+            format!("{h}/team/nexus-app:v1"),
+            "team/nexus-app",
+        ),
+        (
+            "acr",
+            fixture("acr-push.json").replace("myregistry.azurecr.io", &h),
+            format!("{h}/team/acr-app:v1"),
+            "team/acr-app",
+        ),
+        (
+            "ecr",
+            fixture("ecr-image-action.json"),
+            "123456789012.dkr.ecr.us-west-2.amazonaws.com/team/ecr-app:v1".into(),
+            "team/ecr-app",
+        ),
+        (
+            "gar",
+            gar_body,
+            "us-docker.pkg.dev/my-project/my-repo/gar-app:v1".into(),
+            "my-project/my-repo/gar-app",
+        ),
+    ];
+    let mut config = format!(
+        "[hooks]\nghcr = {{ token_env = \"T_GHCR\" }}\ngitea = {{ token_env = \"T_GITEA\", registry = \"{h}\" }}\n\
+         artifactory = {{ token_env = \"T_JF\", registry = \"{h}\" }}\nnexus = {{ token_env = \"T_NEXUS\", registry = \"{h}\" }}\n\
+         acr = {{ token_env = \"T_ACR\" }}\necr = {{ token_env = \"T_ECR\" }}\ngar = {{ token_env = \"T_GAR\" }}\n\n"
+    );
+    for host in [
+        "ghcr.io",
+        "123456789012.dkr.ecr.us-west-2.amazonaws.com",
+        "us-docker.pkg.dev",
+    ] {
+        config += &format!("[[registry]]\nhost = \"{host}\"\nendpoint = \"http://{h}\"\n\n");
+    }
+    let secrets = [
+        ("ghcr", "T_GHCR", "gh-secret"),
+        ("gitea", "T_GITEA", "gitea-secret"),
+        ("artifactory", "T_JF", "jf-secret"),
+        ("nexus", "T_NEXUS", "nexus-secret"),
+        ("acr", "T_ACR", "acr-secret"),
+        ("ecr", "T_ECR", "ecr-secret"),
+        ("gar", "T_GAR", "gar-secret"),
+    ];
+    let env: Vec<(&str, &str)> = secrets.iter().map(|(_, k, v)| (*k, *v)).collect();
+    let e = Engine::start_env(&config, &env);
+    for (source, body, reference, repo) in &cases {
+        let secret = secrets.iter().find(|s| s.0 == *source).unwrap().2;
+        push.image(repo, "v1", "1").await;
+        let name = format!("{source}:v1");
+        e.import_new(&name, reference);
+        let d2 = push.image(repo, "v1", "2").await;
+        let url = if *source == "gar" {
+            format!("{}/hooks/gar?token={secret}", e.url)
+        } else {
+            format!("{}/hooks/{source}", e.url)
+        };
+        // forged and malformed first: nothing moves
+        let forged = sign(source, "not-the-secret", body.as_bytes());
+        let forged_url = url.replace(secret, "not-the-secret");
+        assert_eq!(
+            post_signed(&forged_url, &forged, body.as_bytes()).await,
+            401,
+            "{source} forged"
+        );
+        let junk = b"{\"not\": [\"a payload\"";
+        assert_eq!(
+            post_signed(&url, &sign(source, secret, junk), junk).await,
+            400,
+            "{source} malformed"
+        );
+        assert_ne!(
+            e.istag(&name).unwrap()["digest"],
+            d2.as_str(),
+            "{source}: moved by a bad request"
+        );
+        assert_eq!(
+            post_signed(
+                &url,
+                &sign(source, secret, body.as_bytes()),
+                body.as_bytes()
+            )
+            .await,
+            200,
+            "{source}"
+        );
+        let t = wait_for(&format!("the {source} push to move {name}"), || async {
+            e.istag(&name).filter(|t| t["digest"] == d2.as_str())
+        })
+        .await;
+        assert_eq!(t["history"][0]["cause"], "push", "{source}");
+        assert!(
+            t["conditions"].as_array().unwrap().is_empty(),
+            "{source}: {t}"
+        );
+    }
+    // Another GitHub event (a ping) is acknowledged and ignored.
+    let ping = br#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
+    let mut headers = sign("ghcr", "gh-secret", ping);
+    headers[0].1 = "ping".into();
+    assert_eq!(
+        post_signed(&format!("{}/hooks/ghcr", e.url), &headers, ping).await,
+        200
+    );
+}
+
+/// An internal registry creates a stream tag only once the re-check finds the image: a
+/// notification for a repository that does not exist creates nothing, and no failure is
+/// recorded anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_registry_creates_nothing_for_a_missing_image() {
+    let reg = Registry::start();
+    let e = Engine::start_env(
+        &format!(
+            "[hooks]\ntoken_env = \"T_HOOKS\"\n\n[[registry]]\nhost = \"{}\"\ninternal = true\n",
+            reg.host
+        ),
+        &[("T_HOOKS", TOKEN)],
+    );
+    let body = serde_json::json!({"events": [{"action": "push", "target": {
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "repository": "nobody/here", "tag": "v1",
+        "digest": "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "url": format!("http://{}/v2/nobody/here/manifests/sha256:0123", reg.host)}}]})
+    .to_string();
+    assert_eq!(
+        post(&format!("{}/hooks/registry", e.url), Some(TOKEN), &body).await,
+        200
+    );
+    wait_for("the re-checks to give up", || async {
+        e.log
+            .find("nobody/here")
+            .filter(|l| l.contains("not found") || l.contains("gave up"))
+    })
+    .await;
+    // `nobody/here` would land in namespace `nobody`, stream `here`.
+    let o = e.cli(&["-n", "nobody", "get", "is", "-o", "json"]);
+    expect_code(&o, 0);
+    let streams: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(streams, serde_json::json!([]), "nothing created");
+}
