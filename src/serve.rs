@@ -122,6 +122,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracker.spawn(triggers.clone().run_deliverer(cancel.clone()));
     tracker.spawn(scheduler.run(cancel.clone()));
     tracker.spawn(crate::memory::run_trimmer(cancel.clone()));
+    tracker.spawn(run_retention(
+        store.clone(),
+        config.delivery.retention,
+        cancel.clone(),
+    ));
     if let Some((store, cluster)) = shared {
         tracker.spawn(crate::cluster::run_watcher(
             engine.clone(),
@@ -209,4 +214,25 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Once an hour, drops settled deliveries older than `[delivery] retention` (the same rule in
+/// both stores; pending and dead ones are never dropped).
+async fn run_retention(store: Store, retention: Duration, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {
+                let cutoff = chrono::Utc::now().timestamp_millis()
+                    - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+                match store.purge_settled(cutoff).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deliveries = n, ?retention, "settled deliveries past their retention dropped"),
+                    Err(e) => tracing::warn!(error = %e, "cannot drop old settled deliveries; trying again in an hour"),
+                }
+            }
+        }
+    }
 }

@@ -237,6 +237,8 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// Deliveries in flight at once, over all triggers.
     pub concurrency: usize,
+    /// How long settled (delivered, superseded) deliveries are kept.
+    pub retention: Duration,
 }
 
 /// Where a key sits in the file, for error messages.
@@ -873,6 +875,10 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             None => Duration::from_secs(10),
         },
         concurrency: d.concurrency.unwrap_or(32).max(1),
+        retention: match &d.retention {
+            Some(s) => duration(loc, &[K("delivery"), K("retention")], s)?,
+            None => Duration::from_secs(7 * 24 * 3600),
+        },
     };
     if delivery.max_attempts == 0 {
         return Err(loc.err(&[K("delivery"), K("max_attempts")], "must be at least 1"));

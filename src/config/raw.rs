@@ -265,4 +265,5 @@ pub(super) struct Delivery {
     pub max_backoff: Option<String>,
     pub timeout: Option<String>,
     pub concurrency: Option<usize>,
+    pub retention: Option<String>,
 }

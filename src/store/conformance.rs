@@ -153,6 +153,18 @@ pub async fn behaviour(store: Store) {
     store.complete_and_claim(vec![ok], 4, 0).await.unwrap();
     let sum = store.summary("t").await.unwrap();
     assert_eq!((sum.pending, sum.dead, sum.delivered), (0, 0, 1));
+    // Retention: settled ones go after the cutoff, nothing else does.
+    let far_future = Utc::now().timestamp_millis() + 3_600_000;
+    assert_eq!(
+        store.purge_settled(0).await.unwrap(),
+        0,
+        "nothing is that old"
+    );
+    let purged = store.purge_settled(far_future).await.unwrap();
+    assert_eq!(purged, 2, "the delivered and the superseded one");
+    let sum = store.summary("t").await.unwrap();
+    assert_eq!((sum.delivered, sum.superseded), (0, 0));
+    assert_eq!(sum.last_fired.len(), 1, "trigger state is not a delivery");
     assert!(store.claim_due(5, 10).await.unwrap().is_empty());
     per_tag_changes(&store).await;
     // delete (a store may move the revision when it publishes, so read it again)

@@ -305,6 +305,12 @@ impl Store {
         blocking!(self, s => s.summary(&t), n => n.summary(&t))
     }
 
+    /// Settled deliveries (delivered, superseded) last changed before `cutoff_ms` are dropped;
+    /// pending and dead ones are kept whatever their age (a dead delivery waits for a retry).
+    pub async fn purge_settled(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        blocking!(self, s => s.purge_settled(cutoff_ms), n => n.purge_settled(cutoff_ms))
+    }
+
     pub async fn retry_dead(&self, trigger: &str, now_ms: i64) -> Result<usize, StoreError> {
         let t = trigger.to_string();
         blocking!(self, s => s.retry_dead(&t, now_ms), n => n.retry_dead(&t, now_ms))

@@ -193,8 +193,10 @@ impl NatsStore {
         };
         let streams = kv_open(bucket("STREAMS", Duration::ZERO)).await?;
         let triggers = kv_open(bucket("TRIGGERS", Duration::ZERO)).await?;
-        // Finished deliveries are kept as long as events are.
-        let deliveries = kv_open(bucket("DELIVERIES", cfg.max_age)).await?;
+        // No age limit (set again at every start, so a bucket made with one loses it): pending
+        // and dead deliveries stay until settled or retried, settled ones until
+        // `purge_settled` drops them after `[delivery] retention`.
+        let deliveries = kv_open(bucket("DELIVERIES", Duration::ZERO)).await?;
         let work_name = format!("{}_WORK", cfg.stream);
         let work_subject = format!("{}_work.deliveries", cfg.subject_prefix);
         js.create_or_update_stream(jetstream::stream::Config {
@@ -841,6 +843,38 @@ impl NatsStore {
         }
         out.sort_by_key(|r| std::cmp::Reverse(r.id));
         Ok(out)
+    }
+
+    /// Drops delivered and superseded records last written before `cutoff_ms`.
+    pub async fn purge_settled(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for k in all_keys(&self.deliveries, "delivery listing").await? {
+            let entry = match self.deliveries.entry(&k).await {
+                Ok(Some(e)) => e,
+                Ok(None) => continue,
+                Err(e) => return Err(backend("delivery read", e)),
+            };
+            let written_ms = (entry.created.unix_timestamp_nanos() / 1_000_000) as i64;
+            let settled = serde_json::from_slice::<DeliveryRecord>(&entry.value).is_ok_and(|r| {
+                matches!(
+                    r.state,
+                    DeliveryState::Delivered | DeliveryState::Superseded
+                )
+            });
+            if settled && written_ms < cutoff_ms {
+                match self
+                    .deliveries
+                    .delete_expect_revision(&k, Some(entry.revision))
+                    .await
+                {
+                    Ok(()) => n += 1,
+                    // Rewritten meanwhile (retried): it is no longer settled-and-old.
+                    Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {}
+                    Err(e) => return Err(backend("delivery purge", e)),
+                }
+            }
+        }
+        Ok(n)
     }
 
     pub async fn deliveries(

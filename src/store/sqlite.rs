@@ -815,6 +815,16 @@ impl SqliteStore {
         Ok(s)
     }
 
+    /// Drops delivered and superseded deliveries settled before `cutoff_ms`.
+    pub fn purge_settled(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM deliveries WHERE state IN ('delivered', 'superseded') AND updated < ?1",
+                [cutoff_ms],
+            )
+            .map_err(db_err)
+    }
+
     pub fn retry_dead(&self, trigger: &str, now_ms: i64) -> Result<usize, StoreError> {
         self.conn()
             .execute(
