@@ -81,6 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         hooks: Arc::new(crate::hooks::HookState::new(config.hooks.max_concurrency)),
     };
 
+    let state_for_hints = state.clone();
     tracker.spawn(crate::api::serve(listener, state, tls, cancel.clone()));
     if config.api_tokens.is_empty() {
         tracing::info!("no [[api.token]] declared: the API serves loopback clients only");
@@ -137,6 +138,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
         tracker.spawn(cluster.run(cancel.clone()));
     }
+    crate::hooks::resume_hints(&state_for_hints).await;
     tracker.close();
     ready.store(true, Ordering::Relaxed);
 

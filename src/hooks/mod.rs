@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use crate::api::{ApiError, AppState};
 use crate::config::Secret;
 use crate::model::{StreamName, StreamTagRef};
+use crate::store::Hint;
 pub use parse::Push;
 
 /// The payload parsers, for the robustness tests and the fuzz targets.
@@ -232,42 +233,101 @@ pub async fn handle(
                 .into_response();
         }
     };
-    crate::metrics::hook(&source, "accepted");
-    let hooks = s.hooks.clone();
-    for p in pushes {
-        let key = format!("{}/{}:{}", p.registry, p.repository, p.tag);
-        {
-            let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(again) = running.get_mut(&key) {
-                *again = true;
-                continue;
-            }
-            running.insert(key.clone(), false);
+    // Durable before the answer: a crash after the 2xx leaves the hints for the next start.
+    // A store that cannot take them answers 503, so the sender delivers again.
+    if !pushes.is_empty() {
+        let hints = pushes.iter().map(hint_of).collect();
+        if let Err(e) = s.engine.store.record_hints(hints).await {
+            tracing::error!(source = %source, error = %e, "cannot record push hints");
+            return ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("/hooks/{source}: cannot record the notification yet ({e}); send it again"),
+            )
+            .into_response();
         }
-        let state = s.clone();
-        let hooks = hooks.clone();
-        s.tasks.spawn(async move {
-            let _permit = match &hooks.limit {
-                Some(l) => l.clone().acquire_owned().await.ok(),
-                None => None,
-            };
-            loop {
-                recheck(&state, &p).await;
-                let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
-                if running.get(&key) == Some(&true) {
-                    running.insert(key.clone(), false);
-                    continue;
-                }
-                running.remove(&key);
-                break;
-            }
-        });
+    }
+    crate::metrics::hook(&source, "accepted");
+    for p in pushes {
+        start_recheck(&s, p);
     }
     (
         StatusCode::OK,
         axum::Json(serde_json::json!({"accepted": true})),
     )
         .into_response()
+}
+
+fn hint_of(p: &Push) -> Hint {
+    Hint {
+        registry: p.registry.clone(),
+        repository: p.repository.clone(),
+        tag: p.tag.clone(),
+        digest: p.digest.clone(),
+    }
+}
+
+/// Re-checks the hints a previous run recorded but did not finish (called at start).
+pub async fn resume_hints(s: &AppState) {
+    match s.engine.store.pending_hints().await {
+        Ok(hints) => {
+            if !hints.is_empty() {
+                tracing::info!(
+                    hints = hints.len(),
+                    "re-checking push hints recorded before the last stop"
+                );
+            }
+            for h in hints {
+                start_recheck(
+                    s,
+                    Push {
+                        registry: h.registry,
+                        repository: h.repository,
+                        tag: h.tag,
+                        digest: h.digest,
+                    },
+                );
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read recorded push hints; they wait for the next start")
+        }
+    }
+}
+
+/// Runs the re-check of one pushed tag in the background, coalesced: while one runs for the
+/// tag, further notifications only ask for one more run after it. The hint is dropped when
+/// no run is left.
+fn start_recheck(s: &AppState, p: Push) {
+    let key = format!("{}/{}:{}", p.registry, p.repository, p.tag);
+    let hooks = s.hooks.clone();
+    {
+        let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(again) = running.get_mut(&key) {
+            *again = true;
+            return;
+        }
+        running.insert(key.clone(), false);
+    }
+    let state = s.clone();
+    s.tasks.spawn(async move {
+        let _permit = match &hooks.limit {
+            Some(l) => l.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        loop {
+            recheck(&state, &p).await;
+            let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
+            if running.get(&key) == Some(&true) {
+                running.insert(key.clone(), false);
+                continue;
+            }
+            running.remove(&key);
+            break;
+        }
+        if let Err(e) = state.engine.store.drop_hint(&key).await {
+            tracing::warn!(hint = %key, error = %e, "cannot drop a re-checked push hint; it is re-checked again at the next start");
+        }
+    });
 }
 
 async fn recheck(s: &AppState, p: &Push) {

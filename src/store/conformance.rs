@@ -167,6 +167,29 @@ pub async fn behaviour(store: Store) {
     assert_eq!(sum.last_fired.len(), 1, "trigger state is not a delivery");
     assert!(store.claim_due(5, 10).await.unwrap().is_empty());
     per_tag_changes(&store).await;
+    // push hints: recorded (a repeat replaces), listed, dropped
+    let hint = |tag: &str| Hint {
+        registry: "r.example".into(),
+        repository: "a/b".into(),
+        tag: tag.into(),
+        digest: None,
+    };
+    store
+        .record_hints(vec![hint("1"), hint("2"), hint("1")])
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = store
+        .pending_hints()
+        .await
+        .unwrap()
+        .iter()
+        .map(Hint::key)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec!["r.example/a/b:1", "r.example/a/b:2"]);
+    store.drop_hint("r.example/a/b:1").await.unwrap();
+    assert_eq!(store.pending_hints().await.unwrap(), vec![hint("2")]);
+    store.drop_hint("r.example/a/b:2").await.unwrap();
     // delete (a store may move the revision when it publishes, so read it again)
     let rev3 = store.get("default/s").await.unwrap().unwrap().1;
     store

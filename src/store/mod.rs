@@ -80,6 +80,23 @@ pub struct Loaded {
     pub tag_revs: BTreeMap<String, i64>,
 }
 
+/// A push notification recorded before the hook answers, until its re-check is done: a crash
+/// in between leaves it for the next start to re-check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Hint {
+    pub registry: String,
+    pub repository: String,
+    /// Empty: every tracked tag of the repository.
+    pub tag: String,
+    pub digest: Option<String>,
+}
+
+impl Hint {
+    pub fn key(&self) -> String {
+        format!("{}/{}:{}", self.registry, self.repository, self.tag)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryState {
@@ -303,6 +320,22 @@ impl Store {
     pub async fn summary(&self, trigger: &str) -> Result<TriggerSummary, StoreError> {
         let t = trigger.to_string();
         blocking!(self, s => s.summary(&t), n => n.summary(&t))
+    }
+
+    /// Records push hints durably (one write for a whole notification).
+    pub async fn record_hints(&self, hints: Vec<Hint>) -> Result<(), StoreError> {
+        blocking!(self, s => s.record_hints(&hints), n => n.record_hints(&hints))
+    }
+
+    /// Hints not yet re-checked.
+    pub async fn pending_hints(&self) -> Result<Vec<Hint>, StoreError> {
+        blocking!(self, s => s.pending_hints(), n => n.pending_hints())
+    }
+
+    /// A hint's re-check is done.
+    pub async fn drop_hint(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_string();
+        blocking!(self, s => s.drop_hint(&key), n => n.drop_hint(&key))
     }
 
     /// Settled deliveries (delivered, superseded) last changed before `cutoff_ms` are dropped;

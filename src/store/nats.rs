@@ -102,6 +102,8 @@ pub struct NatsStore {
     streams: kv::Store,
     triggers: kv::Store,
     deliveries: kv::Store,
+    /// Push hints not yet re-checked (SPEC 9: recorded before the hook answers).
+    hints: kv::Store,
     work_subject: String,
     consumer: PullConsumer,
     /// Outbox of each stream as last read, by revision: a commit carries it forward without
@@ -197,6 +199,7 @@ impl NatsStore {
         // and dead deliveries stay until settled or retried, settled ones until
         // `purge_settled` drops them after `[delivery] retention`.
         let deliveries = kv_open(bucket("DELIVERIES", Duration::ZERO)).await?;
+        let hints = kv_open(bucket("HINTS", Duration::ZERO)).await?;
         let work_name = format!("{}_WORK", cfg.stream);
         let work_subject = format!("{}_work.deliveries", cfg.subject_prefix);
         js.create_or_update_stream(jetstream::stream::Config {
@@ -230,6 +233,7 @@ impl NatsStore {
             streams,
             triggers,
             deliveries,
+            hints,
             work_subject,
             consumer,
             outboxes: Mutex::default(),
@@ -843,6 +847,34 @@ impl NatsStore {
         }
         out.sort_by_key(|r| std::cmp::Reverse(r.id));
         Ok(out)
+    }
+
+    pub async fn record_hints(&self, hints: &[super::Hint]) -> Result<(), StoreError> {
+        for h in hints {
+            let body = serde_json::to_vec(h).map_err(|e| corrupt("hint", e))?;
+            self.hints
+                .put(short_hash(&[&h.key()]), body.into())
+                .await
+                .map_err(|e| backend("hint write", e))?;
+        }
+        Ok(())
+    }
+
+    pub async fn pending_hints(&self) -> Result<Vec<super::Hint>, StoreError> {
+        let mut out = Vec::new();
+        for k in all_keys(&self.hints, "hint listing").await? {
+            if let Ok(Some(v)) = self.hints.get(&k).await {
+                out.push(serde_json::from_slice(&v).map_err(|e| corrupt("hint", e))?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn drop_hint(&self, key: &str) -> Result<(), StoreError> {
+        self.hints
+            .delete(short_hash(&[key]))
+            .await
+            .map_err(|e| backend("hint delete", e))
     }
 
     /// Drops delivered and superseded records last written before `cutoff_ms`.

@@ -82,6 +82,10 @@ CREATE TABLE IF NOT EXISTS history (
     entry TEXT NOT NULL,
     PRIMARY KEY (stream, tag, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hints (
+    key TEXT PRIMARY KEY,
+    hint TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL,
@@ -813,6 +817,42 @@ impl SqliteStore {
             s.last_fired.insert(t, d);
         }
         Ok(s)
+    }
+
+    pub fn record_hints(&self, hints: &[super::Hint]) -> Result<(), StoreError> {
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(db_err)?;
+        for h in hints {
+            let json = serde_json::to_string(h).map_err(json_err)?;
+            tx.prepare_cached(
+                "INSERT INTO hints(key, hint) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET hint = ?2",
+            )
+            .and_then(|mut st| st.execute(params![h.key(), json]))
+            .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn pending_hints(&self) -> Result<Vec<super::Hint>, StoreError> {
+        let c = self.conn();
+        let mut st = c
+            .prepare_cached("SELECT hint FROM hints ORDER BY key")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(db_err)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(serde_json::from_str(&r.map_err(db_err)?).map_err(json_err)?);
+        }
+        Ok(out)
+    }
+
+    pub fn drop_hint(&self, key: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM hints WHERE key = ?1", [key])
+            .map_err(db_err)?;
+        Ok(())
     }
 
     /// Drops delivered and superseded deliveries settled before `cutoff_ms`.

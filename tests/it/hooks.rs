@@ -380,3 +380,36 @@ async fn internal_registry_creates_nothing_for_a_missing_image() {
     let streams: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(streams, serde_json::json!([]), "nothing created");
 }
+
+/// SPEC 9: a hook that answered 2xx has its hint durably recorded. Killed (-9) right after the
+/// answer, while the registry is down, the engine re-checks the hint at its next start and the
+/// tag moves without a new notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_hint_survives_a_crash() {
+    let mut reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    push.image("team/durable", "latest", "1").await;
+    let mut e = Engine::start_env("[hooks]\ntoken_env = \"T_HOOKS\"\n", &[("T_HOOKS", TOKEN)]);
+    e.import_new("durable", &format!("{}/team/durable", reg.host));
+    let d2 = push.image("team/durable", "latest", "2").await;
+    reg.stop();
+    let body = serde_json::json!({"events": [{"action": "push", "target": {
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "repository": "team/durable", "tag": "latest", "digest": d2,
+        "url": format!("http://{}/v2/team/durable/manifests/{d2}", reg.host)}}]})
+    .to_string();
+    assert_eq!(
+        post(&format!("{}/hooks/registry", e.url), Some(TOKEN), &body).await,
+        200
+    );
+    e.kill();
+    reg.restart();
+    e.restart_after_crash();
+    let t = wait_for(
+        "the recorded hint to move the tag after the restart",
+        || async { e.istag("durable").filter(|t| t["digest"] == d2.as_str()) },
+    )
+    .await;
+    assert_eq!(t["history"][0]["cause"], "push");
+    assert!(e.log.find("re-checking push hints").is_some());
+}
