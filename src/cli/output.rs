@@ -412,8 +412,14 @@ fn watch_line(e: &Event) -> String {
 pub(super) async fn triggers(
     c: &Client,
     args: &[String],
+    tag: Option<String>,
     format: Option<&str>,
 ) -> Result<(), CliError> {
+    if tag.is_some() && args.first().map(String::as_str) != Some("test") {
+        return Err(CliError::Usage(
+            "--tag goes with `triggers test NAME`".into(),
+        ));
+    }
     match args {
         [retry, name] if retry == "retry" => {
             let v: serde_json::Value = c
@@ -434,6 +440,50 @@ pub(super) async fn triggers(
         [retry] if retry == "retry" => Err(CliError::Usage(
             "triggers retry needs the trigger's NAME".into(),
         )),
+        [test, rest @ ..] if test == "test" => {
+            let name = match rest {
+                [name] => name,
+                _ => {
+                    return Err(CliError::Usage(
+                        "usage: istream triggers test NAME [--tag NS/STREAM:TAG]".into(),
+                    ));
+                }
+            };
+            if let Some(t) = &tag {
+                StreamTagRef::parse(t, "default").map_err(|e| CliError::Usage(e.to_string()))?;
+            }
+            let v: serde_json::Value = c
+                .post(
+                    &format!("/api/v1/triggers/{name}/test"),
+                    &serde_json::json!({ "tag": tag }),
+                )
+                .await?;
+            if matches!(format, Some("json") | Some("yaml")) {
+                print_value(&v, format)?;
+            } else {
+                match (v["status"].as_u64(), v["error"].as_str()) {
+                    (Some(st), _) => println!(
+                        "Test delivery of trigger {name} for {}: HTTP {st}",
+                        v["tag"].as_str().unwrap_or("")
+                    ),
+                    (None, err) => println!(
+                        "Test delivery of trigger {name} for {} failed: {}",
+                        v["tag"].as_str().unwrap_or(""),
+                        err.unwrap_or("no answer")
+                    ),
+                }
+            }
+            match v["status"].as_u64() {
+                Some(st) if (200..300).contains(&st) => Ok(()),
+                Some(st) => Err(CliError::Failed(format!(
+                    "trigger {name}: the receiver answered HTTP {st}"
+                ))),
+                None => Err(CliError::Failed(format!(
+                    "trigger {name}: {}",
+                    v["error"].as_str().unwrap_or("no answer")
+                ))),
+            }
+        }
         [] | [_] => {
             let list: Vec<TriggerView> = match args.first() {
                 Some(n) => vec![c.get(&format!("/api/v1/triggers/{n}")).await?],
@@ -515,7 +565,7 @@ pub(super) async fn triggers(
             Ok(())
         }
         _ => Err(CliError::Usage(
-            "usage: istream triggers [NAME] | istream triggers retry NAME".into(),
+            "usage: istream triggers [NAME] | istream triggers retry NAME | istream triggers test NAME [--tag NS/STREAM:TAG]".into(),
         )),
     }
 }

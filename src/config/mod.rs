@@ -178,6 +178,8 @@ pub enum Sink {
         signature_header: String,
         /// CloudEvents HTTP binding: binary mode (data as the body, attributes as `ce-*`).
         binary: bool,
+        /// `signature = "standard"`: Standard Webhooks headers instead of istream's.
+        standard: bool,
     },
     GithubDispatch {
         api: reqwest::Url,
@@ -203,6 +205,28 @@ pub enum Sink {
         user: String,
         token: Secret,
     },
+    Buildkite {
+        api: reqwest::Url,
+        org: String,
+        pipeline: String,
+        branch: String,
+        commit: String,
+        token: Secret,
+    },
+    Circleci {
+        api: reqwest::Url,
+        project_slug: String,
+        branch: String,
+        token: Secret,
+    },
+    Azure {
+        api: reqwest::Url,
+        organization: String,
+        project: String,
+        pipeline_id: u64,
+        branch: String,
+        token: Secret,
+    },
 }
 
 impl Sink {
@@ -212,6 +236,9 @@ impl Sink {
             Sink::GithubDispatch { .. } | Sink::GithubWorkflow { .. } => "github",
             Sink::Gitlab { .. } => "gitlab",
             Sink::Jenkins { .. } => "jenkins",
+            Sink::Buildkite { .. } => "buildkite",
+            Sink::Circleci { .. } => "circleci",
+            Sink::Azure { .. } => "azure",
         }
     }
 }
@@ -919,13 +946,16 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             t.github.is_some(),
             t.gitlab.is_some(),
             t.jenkins.is_some(),
+            t.buildkite.is_some(),
+            t.circleci.is_some(),
+            t.azure.is_some(),
         ];
         let n = sinks.iter().filter(|b| **b).count();
         if n != 1 {
             return Err(loc.err(
                 &p("name"),
                 format!(
-                    "trigger {} needs exactly one sink (webhook, github, gitlab or jenkins), has {n}",
+                    "trigger {} needs exactly one sink (webhook, github, gitlab, jenkins, buildkite, circleci or azure), has {n}",
                     t.name
                 ),
             ));
@@ -972,8 +1002,31 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                     ));
                 }
             };
+            let standard = match w.signature.as_deref() {
+                None | Some("istream") => false,
+                Some("standard") => true,
+                Some(other) => {
+                    return Err(loc.err(
+                        &pw("signature"),
+                        format!("\"{other}\": must be \"istream\" or \"standard\""),
+                    ));
+                }
+            };
+            if standard {
+                let Some(sec) = &secret(loc, &pw("secret_env"), &w.secret_env, &w.secret_file)?
+                else {
+                    return Err(loc.err(
+                        &pw("signature"),
+                        "signature = \"standard\" needs secret_env or secret_file",
+                    ));
+                };
+                crate::trigger::sink::standard_key(sec.expose()).map_err(|e| {
+                    loc.err(&pw("secret_env"), format!("Standard Webhooks secret: {e}"))
+                })?;
+            }
             Sink::Webhook {
                 binary,
+                standard,
                 url: url(loc, &pw("url"), &w.url)?,
                 secret: secret(loc, &pw("secret_env"), &w.secret_env, &w.secret_file)?,
                 headers,
@@ -1046,6 +1099,87 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 user: j.user.clone(),
                 token: secret(loc, &pj("token_env"), &j.token_env, &j.token_file)?.ok_or_else(
                     || loc.err(&pj("job_url"), "jenkins needs token_env or token_file"),
+                )?,
+            }
+        } else if let Some(b) = &t.buildkite {
+            let pb = |k| [K("trigger"), I(i), K("buildkite"), K(k)];
+            if let Some(s) = &b.timeout {
+                timeout = duration(loc, &pb("timeout"), s)?;
+            }
+            for (k, v) in [("org", &b.org), ("pipeline", &b.pipeline)] {
+                if v.is_empty() || v.contains('/') {
+                    return Err(loc.err(&pb(k), format!("\"{v}\" must be a slug (no '/')")));
+                }
+            }
+            Sink::Buildkite {
+                api: url(
+                    loc,
+                    &pb("api_url"),
+                    b.api_url.as_deref().unwrap_or("https://api.buildkite.com"),
+                )?,
+                org: b.org.clone(),
+                pipeline: b.pipeline.clone(),
+                branch: b.branch.clone().unwrap_or_else(|| "main".into()),
+                commit: b.commit.clone().unwrap_or_else(|| "HEAD".into()),
+                token: secret(loc, &pb("token_env"), &b.token_env, &b.token_file)?.ok_or_else(
+                    || loc.err(&pb("org"), "buildkite needs token_env or token_file"),
+                )?,
+            }
+        } else if let Some(c) = &t.circleci {
+            let pc = |k| [K("trigger"), I(i), K("circleci"), K(k)];
+            if let Some(s) = &c.timeout {
+                timeout = duration(loc, &pc("timeout"), s)?;
+            }
+            if c.project_slug.split('/').count() != 3
+                || c.project_slug.split('/').any(str::is_empty)
+            {
+                return Err(loc.err(
+                    &pc("project_slug"),
+                    format!(
+                        "\"{}\" is not <vcs>/<org>/<repo> (e.g. gh/acme/app)",
+                        c.project_slug
+                    ),
+                ));
+            }
+            Sink::Circleci {
+                api: url(
+                    loc,
+                    &pc("api_url"),
+                    c.api_url.as_deref().unwrap_or("https://circleci.com"),
+                )?,
+                project_slug: c.project_slug.clone(),
+                branch: c.branch.clone().unwrap_or_else(|| "main".into()),
+                token: secret(loc, &pc("token_env"), &c.token_env, &c.token_file)?.ok_or_else(
+                    || {
+                        loc.err(
+                            &pc("project_slug"),
+                            "circleci needs token_env or token_file",
+                        )
+                    },
+                )?,
+            }
+        } else if let Some(a) = &t.azure {
+            let pa = |k| [K("trigger"), I(i), K("azure"), K(k)];
+            if let Some(s) = &a.timeout {
+                timeout = duration(loc, &pa("timeout"), s)?;
+            }
+            for (k, v) in [("organization", &a.organization), ("project", &a.project)] {
+                if v.is_empty() || v.contains('/') {
+                    return Err(loc.err(&pa(k), format!("\"{v}\" must be a name (no '/')")));
+                }
+            }
+            Sink::Azure {
+                api: url(
+                    loc,
+                    &pa("api_url"),
+                    a.api_url.as_deref().unwrap_or("https://dev.azure.com"),
+                )?,
+                organization: a.organization.clone(),
+                project: a.project.clone(),
+                pipeline_id: a.pipeline_id,
+                branch: a.branch.clone().unwrap_or_else(|| "main".into()),
+                token: secret(loc, &pa("token_env"), &a.token_env, &a.token_file)?.ok_or_else(
+                    || loc.err(&pa("organization"), "azure needs token_env or token_file"),
                 )?,
             }
         } else {

@@ -206,6 +206,46 @@ pub(super) struct Trigger {
     pub github: Option<Github>,
     pub gitlab: Option<Gitlab>,
     pub jenkins: Option<Jenkins>,
+    pub buildkite: Option<Buildkite>,
+    pub circleci: Option<Circleci>,
+    pub azure: Option<Azure>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Buildkite {
+    pub org: String,
+    pub pipeline: String,
+    pub branch: Option<String>,
+    pub commit: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub api_url: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Circleci {
+    pub project_slug: String,
+    pub branch: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub api_url: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Azure {
+    pub organization: String,
+    pub project: String,
+    pub pipeline_id: u64,
+    pub branch: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub api_url: Option<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,6 +260,7 @@ pub(super) struct Webhook {
     pub signature_header: Option<String>,
     pub timeout: Option<String>,
     pub mode: Option<String>,
+    pub signature: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

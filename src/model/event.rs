@@ -42,6 +42,9 @@ pub struct EventData {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
+    /// Set on the delivery `istream triggers test` sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<bool>,
 }
 
 impl EventData {
@@ -59,6 +62,7 @@ impl EventData {
             reason: None,
             message: None,
             trigger: None,
+            test: None,
         }
     }
 }

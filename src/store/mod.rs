@@ -51,7 +51,7 @@ pub struct TagWrite {
     pub name: String,
     /// The tag's revision when loaded; None: it must not exist yet.
     pub expected_rev: Option<i64>,
-    /// The tag after the change with only its current history entry; None deletes it.
+    /// The tag after the change (its history beyond the recent entries is not read); None deletes it.
     pub tag: Option<Tag>,
     /// History entries added by the change, newest first.
     pub new_entries: Vec<HistoryEntry>,
@@ -65,9 +65,9 @@ pub struct TagWrite {
 pub enum Scope {
     /// Every tag with its whole history.
     All,
-    /// Every tag with its current entry only (specs and state, as the scheduler needs).
+    /// Every tag with its current and previous entries (specs and state, as the scheduler needs).
     Heads,
-    /// These tags (and their alias closure) with their current entries only.
+    /// These tags (and their alias closure) with their current and previous entries.
     Tags(Vec<String>),
 }
 

@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS tags (
     -- the same-stream tag this one copies or follows, and whether it follows (an alias)
     source TEXT,
     alias INTEGER NOT NULL DEFAULT 0,
-    -- the tag with its current history entry only
+    -- the tag with its current and previous history entries
     doc TEXT NOT NULL,
     PRIMARY KEY (stream, tag)
 ) WITHOUT ROWID;
@@ -148,9 +148,11 @@ fn same_stream_source(t: &Tag) -> Option<&str> {
     }
 }
 
-fn head_only(t: &Tag) -> Tag {
+/// What a tag row carries of its history: the current entry and the one before it (events
+/// and deliveries name the previous image); the rest lives in `history` rows only.
+fn recent(t: &Tag) -> Tag {
     Tag {
-        history: t.history.first().cloned().into_iter().collect(),
+        history: t.history.iter().take(2).cloned().collect(),
         ..t.clone()
     }
 }
@@ -162,7 +164,7 @@ fn insert_tag(
     rev: i64,
     t: &Tag,
 ) -> Result<(), StoreError> {
-    let doc = serde_json::to_string(&head_only(t)).map_err(json_err)?;
+    let doc = serde_json::to_string(&recent(t)).map_err(json_err)?;
     tx.prepare_cached(
         "INSERT INTO tags(stream, tag, rev, source, alias, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(stream, tag) DO UPDATE SET rev = ?3, source = ?4, alias = ?5, doc = ?6",

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{DeliveryConfig, TriggerConfig};
 use crate::core::{CoreError, Engine};
 use crate::model::event::TAG_CHANGED;
-use crate::model::{Event, EventData, ImageStream};
+use crate::model::{Event, EventData, ImageStream, StreamTagRef};
 use crate::store::{Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError};
 
 pub struct Triggers {
@@ -90,6 +90,7 @@ pub fn current_event(engine: &Engine, s: &ImageStream, tag: &str) -> Option<Even
             reason: None,
             message: None,
             trigger: None,
+            test: None,
         },
     ))
 }
@@ -318,7 +319,9 @@ impl Triggers {
             };
         };
         let started = std::time::Instant::now();
-        let result = sink::send(&self.http, &cfg, &d.event).await;
+        let result = sink::send(&self.http, &cfg, &d.event, false)
+            .await
+            .map(|_| ());
         let secs = started.elapsed().as_secs_f64();
         let attempts = d.attempts + 1;
         let age = Duration::from_millis((now_ms() - d.created).max(0) as u64);
@@ -414,6 +417,46 @@ impl Triggers {
             });
         }
         Ok(out)
+    }
+
+    /// `triggers test`: one delivery of `name` now, for the current image of `tag` (default:
+    /// the first tag it watches), marked as a test; no state is recorded or changed. Returns
+    /// the receiver's HTTP status, or the error that prevented an answer.
+    pub async fn test(
+        &self,
+        name: &str,
+        tag: Option<&str>,
+    ) -> Result<(StreamTagRef, Result<u16, String>), CoreError> {
+        let Some(cfg) = self.configs.iter().find(|t| t.name == name) else {
+            return Err(CoreError::NotFound(format!("trigger {name} not found")));
+        };
+        let tag =
+            match tag {
+                Some(t) => StreamTagRef::parse(t, "default")?,
+                None => cfg.on.first().cloned().ok_or_else(|| {
+                    CoreError::BadRequest(format!("trigger {name} watches no tag"))
+                })?,
+            };
+        let key = tag.stream.key();
+        let doc = self
+            .engine
+            .store
+            .load(&key, crate::store::Scope::Tags(vec![tag.tag.clone()]))
+            .await?
+            .map(|l| l.doc)
+            .ok_or_else(|| CoreError::NotFound(format!("image stream {} not found", tag.stream)))?;
+        let Some(mut event) = current_event(&self.engine, &doc, &tag.tag) else {
+            return Err(CoreError::BadRequest(format!(
+                "stream tag {tag} has no image yet; nothing to test with"
+            )));
+        };
+        event.data.test = Some(true);
+        let answer = match sink::send(&self.http, cfg, &event, true).await {
+            Ok(status) => Ok(status),
+            Err(sink::SinkError::Status { status, .. }) => Ok(status),
+            Err(e) => Err(e.to_string()),
+        };
+        Ok((tag, answer))
     }
 
     pub async fn retry(&self, name: &str) -> Result<usize, CoreError> {

@@ -73,6 +73,39 @@ fn join(base: &reqwest::Url, path: &str) -> Result<reqwest::Url, SinkError> {
     reqwest::Url::parse(&s).map_err(|e| SinkError::Build(format!("{s}: {e}")))
 }
 
+/// The key of a Standard Webhooks secret: `whsec_<base64>` or the bare base64, as the
+/// Standard Webhooks libraries read it.
+pub(crate) fn standard_key(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| format!("not base64 (whsec_<base64>): {e}"))
+}
+
+/// Standard Webhooks: `webhook-id`, `webhook-timestamp` (Unix seconds) and
+/// `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`.
+fn standard_headers(
+    secret: &str,
+    id: &str,
+    body: &[u8],
+) -> Result<[(&'static str, String); 3], SinkError> {
+    use base64::Engine as _;
+    use hmac::Mac;
+    let key = standard_key(secret).map_err(SinkError::Build)?;
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let mut m =
+        Hmac::<Sha256>::new_from_slice(&key).map_err(|e| SinkError::Build(e.to_string()))?;
+    m.update(format!("{id}.{ts}.").as_bytes());
+    m.update(body);
+    let sig = base64::engine::general_purpose::STANDARD.encode(m.finalize().into_bytes());
+    Ok([
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", ts),
+        ("webhook-signature", format!("v1,{sig}")),
+    ])
+}
+
 /// The event's attributes as binary-mode headers, values percent-encoded as the binding says
 /// (space, `"`, `%` and anything outside printable ASCII).
 fn ce_headers(e: &Event) -> [(&'static str, String); 6] {
@@ -92,7 +125,13 @@ fn ce_headers(e: &Event) -> [(&'static str, String); 6] {
     ]
 }
 
-pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Result<(), SinkError> {
+/// Sends one delivery; `test` adds `X-Istream-Test: true`. Ok is the receiver's 2xx status.
+pub async fn send(
+    http: &reqwest::Client,
+    t: &TriggerConfig,
+    e: &Event,
+    test: bool,
+) -> Result<u16, SinkError> {
     let d = &e.data;
     let digest = d.digest.clone().unwrap_or_default();
     let image = d.image.clone().unwrap_or_default();
@@ -105,6 +144,7 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
             body_template,
             signature_header,
             binary,
+            standard,
         } => {
             // The CloudEvents HTTP binding: structured mode is `application/cloudevents+json`;
             // binary mode sends the data as the body and the attributes as `ce-*` headers.
@@ -139,11 +179,19 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
             for (k, v) in headers {
                 req = req.header(k.as_str(), v.as_str());
             }
-            if let Some(s) = secret {
-                req = req.header(
-                    signature_header.as_str(),
-                    sign(s.expose().as_bytes(), body.as_bytes()),
-                );
+            match (secret, standard) {
+                (Some(s), true) => {
+                    for (k, v) in standard_headers(s.expose(), &e.id, body.as_bytes())? {
+                        req = req.header(k, v);
+                    }
+                }
+                (Some(s), false) => {
+                    req = req.header(
+                        signature_header.as_str(),
+                        sign(s.expose().as_bytes(), body.as_bytes()),
+                    );
+                }
+                (None, _) => {}
             }
             (url.clone(), req.body(body))
         }
@@ -217,6 +265,78 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
                     .form(&form),
             )
         }
+        Sink::Buildkite {
+            api,
+            org,
+            pipeline,
+            branch,
+            commit,
+            token,
+        } => {
+            let url = join(
+                api,
+                &format!("/v2/organizations/{org}/pipelines/{pipeline}/builds"),
+            )?;
+            let body = serde_json::json!({
+                "commit": commit,
+                "branch": branch,
+                "message": format!("{tag} now points at {digest}"),
+                "env": { "ISTREAM_DIGEST": digest, "ISTREAM_IMAGE": image, "ISTREAM_TAG": tag },
+            });
+            (
+                url.clone(),
+                http.post(url).bearer_auth(token.expose()).json(&body),
+            )
+        }
+        Sink::Circleci {
+            api,
+            project_slug,
+            branch,
+            token,
+        } => {
+            // The slug's `/` stay as they are (CircleCI's documented form).
+            let url = join(api, &format!("/api/v2/project/{project_slug}/pipeline"))?;
+            let body = serde_json::json!({
+                "branch": branch,
+                "parameters": { "istream_digest": digest, "istream_image": image, "istream_tag": tag },
+            });
+            (
+                url.clone(),
+                http.post(url)
+                    .header("Circle-Token", token.expose())
+                    .json(&body),
+            )
+        }
+        Sink::Azure {
+            api,
+            organization,
+            project,
+            pipeline_id,
+            branch,
+            token,
+        } => {
+            let url = join(
+                api,
+                &format!(
+                    "/{organization}/{project}/_apis/pipelines/{pipeline_id}/runs?api-version=7.1"
+                ),
+            )?;
+            let body = serde_json::json!({
+                "resources": { "repositories": { "self": { "refName": format!("refs/heads/{branch}") } } },
+                "templateParameters": { "istream_digest": digest, "istream_image": image, "istream_tag": tag },
+            });
+            (
+                url.clone(),
+                http.post(url)
+                    .basic_auth("", Some(token.expose()))
+                    .json(&body),
+            )
+        }
+    };
+    let req = if test {
+        req.header("X-Istream-Test", "true")
+    } else {
+        req
     };
     let resp = req
         .header("Idempotency-Key", &e.id)
@@ -229,7 +349,7 @@ pub async fn send(http: &reqwest::Client, t: &TriggerConfig, e: &Event) -> Resul
         })?;
     let status = resp.status();
     if status.is_success() {
-        return Ok(());
+        return Ok(status.as_u16());
     }
     let retry_after = if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         crate::registry::parse_retry_after(resp.headers())

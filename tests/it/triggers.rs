@@ -497,3 +497,199 @@ async fn crash_mid_delivery_loses_nothing() {
     // duplicates (at least once) carry the same key as their original
     rx.wait_each_delivered_once_or_more(n).await;
 }
+
+/// SPEC 10: Buildkite, CircleCI and Azure Pipelines requests exactly as listed, and Standard
+/// Webhooks signatures that the reference library (standardwebhooks, PyPI) verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_ci_systems_and_standard_webhooks() {
+    let reg = Registry::start();
+    let d1 = Pusher::new(&reg.host).image("team/ci", "latest", "1").await;
+    let rx = Receiver::start().await;
+    let u = &rx.url;
+    // The key of a Standard Webhooks secret is base64; `whsec_` is the usual prefix.
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let e = Engine::start_env(
+        &format!(
+            "{FAST}
+[[trigger]]
+name = \"bk\"
+on = [\"ci:latest\"]
+buildkite = {{ org = \"acme\", pipeline = \"app\", token_env = \"T_BK\", api_url = \"{u}/bk\" }}
+
+[[trigger]]
+name = \"cc\"
+on = [\"ci:latest\"]
+circleci = {{ project_slug = \"gh/acme/app\", branch = \"release\", token_env = \"T_CC\", api_url = \"{u}/cc\" }}
+
+[[trigger]]
+name = \"az\"
+on = [\"ci:latest\"]
+azure = {{ organization = \"acme\", project = \"web\", pipeline_id = 42, token_env = \"T_AZ\", api_url = \"{u}/az\" }}
+
+[[trigger]]
+name = \"sw\"
+on = [\"ci:latest\"]
+webhook = {{ url = \"{u}/sw\", secret_env = \"T_SW\", signature = \"standard\" }}
+"
+        ),
+        &[("T_BK", "bk-token"), ("T_CC", "cc-token"), ("T_AZ", "az-token"), ("T_SW", secret)],
+    );
+    e.import_new("ci", &format!("{}/team/ci", reg.host));
+    let reqs = rx.wait_requests(4).await;
+    let by = |p: &str| {
+        reqs.iter()
+            .find(|r| r.path == p)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {p}: {:?}",
+                    reqs.iter().map(|r| &r.path).collect::<Vec<_>>()
+                )
+            })
+            .clone()
+    };
+    let id = e.istag("ci").unwrap()["history"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image = format!("{}/team/ci@{d1}", reg.host);
+
+    let bk = by("/bk/v2/organizations/acme/pipelines/app/builds");
+    assert_eq!(
+        bk.header("authorization").as_deref(),
+        Some("Bearer bk-token")
+    );
+    assert_eq!(bk.header("idempotency-key").as_deref(), Some(id.as_str()));
+    let b = bk.json();
+    assert_eq!(
+        (b["commit"].as_str(), b["branch"].as_str()),
+        (Some("HEAD"), Some("main"))
+    );
+    assert!(b["message"].is_string());
+    assert_eq!(b["env"]["ISTREAM_DIGEST"], d1.as_str());
+    assert_eq!(b["env"]["ISTREAM_IMAGE"], image.as_str());
+    assert_eq!(b["env"]["ISTREAM_TAG"], "default/ci:latest");
+
+    let cc = by("/cc/api/v2/project/gh/acme/app/pipeline");
+    assert_eq!(cc.header("circle-token").as_deref(), Some("cc-token"));
+    let c = cc.json();
+    assert_eq!(c["branch"], "release");
+    assert_eq!(c["parameters"]["istream_digest"], d1.as_str());
+    assert_eq!(c["parameters"]["istream_image"], image.as_str());
+    assert_eq!(c["parameters"]["istream_tag"], "default/ci:latest");
+
+    let az = by("/az/acme/web/_apis/pipelines/42/runs");
+    assert_eq!(az.query, "api-version=7.1");
+    use base64::Engine as _;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(":az-token")
+    );
+    assert_eq!(az.header("authorization").as_deref(), Some(basic.as_str()));
+    let a = az.json();
+    assert_eq!(
+        a["resources"]["repositories"]["self"]["refName"],
+        "refs/heads/main"
+    );
+    assert_eq!(a["templateParameters"]["istream_digest"], d1.as_str());
+    assert_eq!(a["templateParameters"]["istream_tag"], "default/ci:latest");
+
+    let sw = by("/sw");
+    assert_eq!(sw.header("webhook-id").as_deref(), Some(id.as_str()));
+    assert!(sw.header("webhook-signature").unwrap().starts_with("v1,"));
+    assert!(sw.header("x-istream-signature-256").is_none());
+    let check = |body: &[u8]| {
+        let headers: serde_json::Map<String, serde_json::Value> = sw
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().into()))
+            .collect();
+        let input = serde_json::json!({"headers": headers, "body": String::from_utf8_lossy(body)});
+        let mut child = std::process::Command::new(venv_python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/standardwebhooks_check.py"
+            ))
+            .arg(secret)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let ok = check(&sw.body);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let verified: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(verified["data"]["digest"], d1.as_str());
+    let mut tampered = sw.body.clone();
+    tampered[10] ^= 1;
+    assert!(
+        !check(&tampered).status.success(),
+        "a changed body must not verify"
+    );
+}
+
+/// SPEC 10: `triggers test` sends one delivery now, marked as a test, and records nothing;
+/// it exits 0 on 2xx and 1 otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_test_sends_one_marked_delivery() {
+    let reg = Registry::start();
+    Pusher::new(&reg.host).image("team/tt", "latest", "1").await;
+    let ok = Receiver::start().await;
+    let bad = Receiver::start().await;
+    bad.script(&[(503, &[])]);
+    let e = Engine::start(&format!(
+        "{FAST}
+[[trigger]]
+name = \"good\"
+on = [\"tt:latest\"]
+skip_initial = true
+webhook = {{ url = \"{}/good\" }}
+
+[[trigger]]
+name = \"broken\"
+on = [\"tt:latest\"]
+skip_initial = true
+webhook = {{ url = \"{}/broken\" }}
+",
+        ok.url, bad.url
+    ));
+    e.import_new("tt", &format!("{}/team/tt", reg.host));
+    let o = e.cli(&["triggers", "test", "good"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("HTTP 200"), "{}", stdout(&o));
+    let r = ok.wait_requests(1).await;
+    assert_eq!(r[0].header("x-istream-test").as_deref(), Some("true"));
+    assert_eq!(r[0].json()["data"]["test"], true);
+    assert_eq!(r[0].json()["subject"], "default/tt:latest");
+    let o = e.cli(&["triggers", "test", "broken", "--tag", "default/tt:latest"]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("503"), "{}", stderr(&o));
+    // nothing recorded: no deliveries, the first image still only recorded (skip_initial)
+    for name in ["good", "broken"] {
+        let t = trigger_json(&e, name).await;
+        assert_eq!(
+            (
+                t["pending"].as_i64(),
+                t["delivered"].as_i64(),
+                t["dead"].as_i64()
+            ),
+            (Some(0), Some(0), Some(0)),
+            "{t}"
+        );
+    }
+    expect_code(&e.cli(&["triggers", "test", "nope"]), 1);
+    expect_code(&e.cli(&["triggers", "test"]), 2);
+    assert_eq!(ok.requests().len(), 1);
+}
