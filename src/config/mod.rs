@@ -38,6 +38,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// `[history] max_entries`: newest entries kept per tag (0: all, as OpenShift keeps).
     pub history_max_entries: usize,
+    /// `[[forge]]`: (host, kind) of self-hosted forges, for compare links.
+    pub forges: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +154,8 @@ pub struct RegistryConfig {
     pub timeout: Duration,
     /// Where this host's requests go instead (a mirror or pull-through cache).
     pub endpoint: Option<crate::registry::Endpoint>,
+    /// Fetch manifest and config of changed images for the event's details (SPEC 10).
+    pub fetch_details: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -746,6 +750,7 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             // Docker Hub's aliases are one registry (SPEC 1), as references normalise them.
             host: crate::model::reference::canonical_host(&r.host).to_string(),
             endpoint,
+            fetch_details: r.fetch_details.unwrap_or(true),
             insecure: r.insecure.unwrap_or(false),
             username: r.username.clone(),
             password,
@@ -1200,6 +1205,21 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         });
     }
 
+    let mut forges = Vec::new();
+    for (i, f) in raw.forge.iter().enumerate() {
+        let pf = |k| [K("forge"), I(i), K(k)];
+        if f.host.is_empty() || f.host.contains('/') {
+            return Err(loc.err(&pf("host"), format!("\"{}\" is not a host name", f.host)));
+        }
+        if !matches!(f.kind.as_str(), "github" | "gitlab") {
+            return Err(loc.err(
+                &pf("kind"),
+                format!("\"{}\": must be \"github\" or \"gitlab\"", f.kind),
+            ));
+        }
+        forges.push((f.host.clone(), f.kind.clone()));
+    }
+
     Ok(Config {
         path: path.to_path_buf(),
         server,
@@ -1213,6 +1233,7 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
         triggers,
         delivery,
         history_max_entries: raw.history.max_entries.unwrap_or(0),
+        forges,
     })
 }
 

@@ -29,6 +29,15 @@ pub(super) struct Raw {
     pub delivery: Delivery,
     #[serde(default)]
     pub history: History,
+    #[serde(default)]
+    pub forge: Vec<Forge>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Forge {
+    pub host: String,
+    pub kind: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +170,7 @@ pub(super) struct Registry {
     pub internal: Option<bool>,
     pub timeout: Option<String>,
     pub endpoint: Option<String>,
+    pub fetch_details: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::config::{Config, DeclaredStream};
 use crate::model::event::{IMPORT_FAILED, TAG_CHANGED, TAG_DELETED};
+use crate::model::stream::Details;
 use crate::model::{
     Cause, Digest, Event, EventData, HistoryEntry, ImageRef, ImageStream, RefError, StreamImageRef,
     StreamName, StreamTagRef, TagFrom, TagSpec,
@@ -106,6 +107,8 @@ pub struct Engine {
     pub max_import_all: usize,
     /// `[history] max_entries` (0: keep all).
     pub max_history: usize,
+    /// `[[forge]]` hosts (host, kind) for compare links, besides github.com and gitlab.com.
+    forges: Vec<(String, String)>,
     /// Committed events, for `watch` and in-process subscribers. Lagging receivers lose
     /// events; the outbox is the durable path.
     pub events: broadcast::Sender<Event>,
@@ -211,6 +214,7 @@ fn apply_result(
     spec: &TagSpec,
     result: &Result<(ImageRef, Resolved), RegistryError>,
     cause: Cause,
+    details: Option<&Details>,
 ) {
     let generation = s.generation;
     let Some(t) = s.tags.get_mut(tag) else {
@@ -234,6 +238,7 @@ fn apply_result(
                     id: new_id(),
                     media_type: res.media_type.clone(),
                     platforms: res.platforms.clone(),
+                    details: details.cloned(),
                 });
                 if !changed {
                     t.succeed();
@@ -275,6 +280,7 @@ impl Engine {
                 instance: config.server.instance.clone(),
                 max_import_all: config.schedule.max_import_all,
                 max_history: config.history_max_entries,
+                forges: config.forges.clone(),
                 events,
                 outbox: Arc::new(Notify::new()),
                 changed_tags: ct_tx,
@@ -461,6 +467,7 @@ impl Engine {
                     d.image = Some(cur.image.clone());
                     d.generation = cur.generation;
                     d.cause = Some(cur.cause.as_str().into());
+                    d.explain(cur, old.and_then(|o| o.current()).map(|h| h.image.as_str()));
                     out.push(Event::new(
                         TAG_CHANGED,
                         cur.id.clone(),
@@ -529,6 +536,54 @@ impl Engine {
         }
     }
 
+    /// The details of an image about to become current (SPEC 10): fetched only when the
+    /// registry answered a digest other than the tag's current one, within a few seconds;
+    /// anything that goes wrong leaves them out (logged) and the change goes on without them.
+    async fn explain(
+        &self,
+        tag: &StreamTagRef,
+        spec: &TagSpec,
+        result: &Result<(ImageRef, Resolved), RegistryError>,
+    ) -> Option<Details> {
+        const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+        let Ok((r, res)) = result else { return None };
+        if res.unchanged || !self.registry.fetch_details(&r.registry) {
+            return None;
+        }
+        let previous = self
+            .store
+            .load(&tag.stream.key(), Scope::Tags(vec![tag.tag.clone()]))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.doc.tags.get(&tag.tag).and_then(|t| t.current().cloned()));
+        if previous.as_ref().is_some_and(|p| p.digest == res.digest) {
+            return None;
+        }
+        let fetch = self
+            .registry
+            .details(r, &res.digest, spec.platform.as_deref(), spec.insecure);
+        let mut d = match tokio::time::timeout(FETCH_WITHIN, fetch).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(tag = %tag, error = %e, "image details not fetched; the change is recorded without them");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(tag = %tag, "image details not fetched within 3 s; the change is recorded without them");
+                return None;
+            }
+        };
+        if let Some(prev) = previous.as_ref().and_then(|p| p.details.as_ref()) {
+            d.compare_layers(&prev.layers);
+        }
+        d.set_compare_url(
+            previous.as_ref().and_then(|p| p.details.as_ref()),
+            &self.forges,
+        );
+        Some(d)
+    }
+
     /// Resolves an external reference for a tag spec, listing platforms when asked to.
     pub async fn resolve(
         &self,
@@ -568,13 +623,14 @@ impl Engine {
         create: bool,
     ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
         let err = result.as_ref().err().cloned();
+        let details = self.explain(tag, spec, &result).await;
         let stream = self
             .mutate(
                 &tag.stream,
                 create,
                 Scope::Tags(vec![tag.tag.clone()]),
                 |s| {
-                    apply_result(s, &tag.tag, spec, &result, cause);
+                    apply_result(s, &tag.tag, spec, &result, cause, details.as_ref());
                     Ok(())
                 },
             )
@@ -664,9 +720,10 @@ impl Engine {
         // `tag` commands for one tag are then each recorded, in the order they commit.
         let result = self.resolve(&spec, None).await;
         let err = result.as_ref().err().cloned();
+        let details = self.explain(tag, &spec, &result).await;
         self.mutate(&tag.stream, true, Scope::Tags(vec![tag.tag.clone()]), |s| {
             s.set_spec(&tag.tag, spec.clone());
-            apply_result(s, &tag.tag, &spec, &result, cause);
+            apply_result(s, &tag.tag, &spec, &result, cause, details.as_ref());
             Ok(())
         })
         .await?;
@@ -1109,6 +1166,7 @@ impl Engine {
             let result = self.resolve(&spec, None).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             if result.is_ok() {
+                let details = self.explain(&dest, &spec, &result).await;
                 self.mutate(
                     &dest.stream,
                     true,
@@ -1116,7 +1174,14 @@ impl Engine {
                     |s| {
                         if !s.tags.contains_key(&dest.tag) {
                             s.set_spec(&dest.tag, spec.clone());
-                            apply_result(s, &dest.tag, &spec, &result, Cause::Push);
+                            apply_result(
+                                s,
+                                &dest.tag,
+                                &spec,
+                                &result,
+                                Cause::Push,
+                                details.as_ref(),
+                            );
                         }
                         Ok(())
                     },

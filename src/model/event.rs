@@ -45,6 +45,37 @@ pub struct EventData {
     /// Set on the delivery `istream triggers test` sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test: Option<bool>,
+    /// `tag.changed`: the previous pull spec (null for a first image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_image: Option<Option<String>>,
+    /// `tag.changed`: what the new image says of itself (SPEC 10), when it could be fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platforms: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<crate::model::stream::LayerChanges>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_url: Option<String>,
+}
+
+impl EventData {
+    /// Fills the SPEC 10 fields of a `tag.changed` event from the entry that became current.
+    pub fn explain(&mut self, entry: &crate::model::HistoryEntry, previous_image: Option<&str>) {
+        self.previous_image = Some(previous_image.map(str::to_string));
+        let platforms = entry
+            .details
+            .as_ref()
+            .map(|d| d.platforms.clone())
+            .filter(|p| !p.is_empty())
+            .or_else(|| Some(entry.platforms.clone()).filter(|p| !p.is_empty()));
+        self.platforms = platforms;
+        if let Some(d) = &entry.details {
+            self.annotations = Some(d.annotations.clone()).filter(|a| !a.is_empty());
+            self.layers = d.layer_changes;
+            self.compare_url = d.compare_url.clone();
+        }
+    }
 }
 
 impl EventData {
@@ -63,6 +94,11 @@ impl EventData {
             message: None,
             trigger: None,
             test: None,
+            previous_image: None,
+            annotations: None,
+            platforms: None,
+            layers: None,
+            compare_url: None,
         }
     }
 }

@@ -103,6 +103,91 @@ pub struct HistoryEntry {
     /// `os/arch[/variant]` of each manifest when the image is an index.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<String>,
+    /// What the image is (annotations, layers), fetched when it became current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Details>,
+}
+
+/// An image's annotations, platforms and layers (SPEC 10).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Details {
+    /// OCI annotations of the manifest or index and the config's `org.opencontainers.image.*`
+    /// labels, keyed without that prefix; annotations win.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// `os/arch[/variant]` of every manifest of an index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
+    /// The layers of the image (of the tracked platform, for an index).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<Layer>,
+    /// Against the previous image, when it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_changes: Option<LayerChanges>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    pub digest: String,
+    pub size: i64,
+}
+
+/// `{"added": N, "removed": N, "size_delta": BYTES}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerChanges {
+    pub added: usize,
+    pub removed: usize,
+    pub size_delta: i64,
+}
+
+impl Details {
+    /// Layers added and removed against `previous`'s, and the change in total size.
+    pub fn compare_layers(&mut self, previous: &[Layer]) {
+        let had: std::collections::BTreeSet<&str> =
+            previous.iter().map(|l| l.digest.as_str()).collect();
+        let has: std::collections::BTreeSet<&str> =
+            self.layers.iter().map(|l| l.digest.as_str()).collect();
+        self.layer_changes = Some(LayerChanges {
+            added: has.difference(&had).count(),
+            removed: had.difference(&has).count(),
+            size_delta: self.layers.iter().map(|l| l.size).sum::<i64>()
+                - previous.iter().map(|l| l.size).sum::<i64>(),
+        });
+    }
+
+    /// The forge's compare page between two revisions of the source repository, for
+    /// github.com, gitlab.com and the configured `[[forge]]` hosts.
+    pub fn set_compare_url(&mut self, previous: Option<&Details>, forges: &[(String, String)]) {
+        let (Some(source), Some(new), Some(old)) = (
+            self.annotations.get("source"),
+            self.annotations.get("revision"),
+            previous.and_then(|p| p.annotations.get("revision")),
+        ) else {
+            return;
+        };
+        if new == old {
+            return;
+        }
+        let url = source.trim_end_matches('/').trim_end_matches(".git");
+        let Some(rest) = url.strip_prefix("https://") else {
+            return;
+        };
+        let host = rest.split('/').next().unwrap_or("");
+        let kind = match host {
+            "github.com" => "github",
+            "gitlab.com" => "gitlab",
+            h => match forges.iter().find(|(fh, _)| fh == h) {
+                Some((_, k)) => k.as_str(),
+                None => return,
+            },
+        };
+        self.compare_url = Some(match kind {
+            "gitlab" => format!("{url}/-/compare/{old}...{new}"),
+            _ => format!("{url}/compare/{old}...{new}"),
+        });
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +403,7 @@ mod tests {
             id: "x".into(),
             media_type: None,
             platforms: vec![],
+            details: None,
         }
     }
 

@@ -7,6 +7,7 @@
 mod auth;
 pub mod budget;
 mod credentials;
+mod details;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -298,6 +299,14 @@ impl RegistryClient {
                 })
             })
             .clone()
+    }
+
+    /// Whether to fetch image details for changes at `host` (`[[registry]] fetch_details`).
+    pub fn fetch_details(&self, host: &str) -> bool {
+        self.configs
+            .iter()
+            .find(|c| c.host == host)
+            .is_none_or(|c| c.fetch_details)
     }
 
     /// Resolves a reference to the digest a registry publishes for it (and, with a platform,

@@ -215,6 +215,7 @@ fn entry(n: u32) -> HistoryEntry {
         id: format!("id-{n}"),
         media_type: None,
         platforms: vec![],
+        details: None,
     }
 }
 

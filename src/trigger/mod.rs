@@ -91,8 +91,18 @@ pub fn current_event(engine: &Engine, s: &ImageStream, tag: &str) -> Option<Even
             message: None,
             trigger: None,
             test: None,
+            previous_image: None,
+            annotations: None,
+            platforms: None,
+            layers: None,
+            compare_url: None,
         },
     ))
+    .map(|mut e| {
+        e.data
+            .explain(cur, t.history.get(1).map(|h| h.image.as_str()));
+        e
+    })
 }
 
 impl Triggers {

@@ -203,3 +203,143 @@ async fn watch_prints_changes_on_the_embedded_default() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Pushes an OCI image with these labels (config) and annotations (manifest) and layers.
+async fn annotated_image(
+    push: &Pusher,
+    repo: &str,
+    tag: &str,
+    labels: serde_json::Value,
+    annotations: serde_json::Value,
+    layers: &[&str],
+) -> String {
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "config": {"Labels": labels}, "rootfs": {"type": "layers", "diff_ids": []}})
+    .to_string();
+    let cd = push.blob(repo, config.as_bytes()).await;
+    let mut descs = Vec::new();
+    for l in layers {
+        let d = push.blob(repo, l.as_bytes()).await;
+        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": l.len(), "digest": d}));
+    }
+    let m = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": cd},
+        "layers": descs, "annotations": annotations})
+    .to_string();
+    push.manifest(
+        repo,
+        tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        m.as_bytes(),
+    )
+    .await
+}
+
+/// SPEC 10: a change's event says what changed — previous image, OCI annotations merged with
+/// the config's labels, layers against the previous image, the forge's compare page — also
+/// recorded on the history entry; an index lists its platforms; `fetch_details = false` skips
+/// it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_explain_the_change() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let rx = crate::support::receiver::Receiver::start().await;
+    let e = Engine::start(&format!(
+        "[[trigger]]\nname = \"hook\"\non = [\"app:latest\", \"multi:latest\"]\nwebhook = {{ url = \"{}/x\" }}\n",
+        rx.url
+    ));
+    let base = "layer: the base";
+    let a = annotated_image(
+        &push,
+        "acme/app",
+        "latest",
+        serde_json::json!({"org.opencontainers.image.revision": "aaa111", "org.opencontainers.image.source": "https://github.com/acme/app", "maintainer": "ops"}),
+        serde_json::json!({"org.opencontainers.image.version": "1.0"}),
+        &[base],
+    )
+    .await;
+    e.import_new("app", &format!("{}/acme/app", reg.host));
+    rx.wait_requests(1).await;
+    let extra = "layer: the app, version two";
+    let b = annotated_image(
+        &push,
+        "acme/app",
+        "latest",
+        serde_json::json!({"org.opencontainers.image.revision": "bbb222", "org.opencontainers.image.source": "https://github.com/acme/app"}),
+        serde_json::json!({"org.opencontainers.image.version": "2.0", "org.opencontainers.image.revision": "bbb222"}),
+        &[base, extra],
+    )
+    .await;
+    expect_code(&e.cli(&["import-image", "app"]), 0);
+    let reqs = rx.wait_requests(2).await;
+    let ev = reqs
+        .iter()
+        .map(|r| r.json())
+        .find(|j| j["data"]["digest"] == b.as_str())
+        .unwrap();
+    let d = &ev["data"];
+    assert_eq!(d["previous"], a.as_str());
+    assert_eq!(
+        d["previous_image"],
+        format!("{}/acme/app@{a}", reg.host).as_str()
+    );
+    assert_eq!(d["annotations"]["version"], "2.0");
+    assert_eq!(d["annotations"]["revision"], "bbb222");
+    assert_eq!(d["annotations"]["source"], "https://github.com/acme/app");
+    assert!(
+        d["annotations"].get("maintainer").is_none(),
+        "only OCI labels: {d}"
+    );
+    assert_eq!(d["layers"]["added"], 1, "{d}");
+    assert_eq!(d["layers"]["removed"], 0);
+    assert_eq!(d["layers"]["size_delta"], extra.len());
+    assert_eq!(
+        d["compare_url"],
+        "https://github.com/acme/app/compare/aaa111...bbb222"
+    );
+    let first = reqs
+        .iter()
+        .map(|r| r.json())
+        .find(|j| j["data"]["digest"] == a.as_str())
+        .unwrap();
+    assert_eq!(first["data"]["previous_image"], serde_json::Value::Null);
+    assert!(
+        first["data"].get("layers").is_none(),
+        "no previous image, no layer comparison"
+    );
+    // recorded with the history entry
+    let t = e.istag("app").unwrap();
+    assert_eq!(
+        t["history"][0]["details"]["annotations"]["revision"],
+        "bbb222"
+    );
+
+    // an index lists its platforms
+    push.index(
+        "acme/multi",
+        "latest",
+        &[("linux", "amd64", "m1"), ("linux", "arm64", "m1")],
+    )
+    .await;
+    e.import_new("multi", &format!("{}/acme/multi", reg.host));
+    let reqs = rx.wait_requests(3).await;
+    let m = reqs
+        .iter()
+        .map(|r| r.json())
+        .find(|j| j["data"]["stream"] == "multi")
+        .unwrap();
+    assert_eq!(
+        m["data"]["platforms"],
+        serde_json::json!(["linux/amd64", "linux/arm64"])
+    );
+
+    // fetch_details = false: the change, without details
+    let off = Engine::start(&format!(
+        "[[registry]]\nhost = \"{}\"\nfetch_details = false\n",
+        reg.host
+    ));
+    off.import_new("app", &format!("{}/acme/app", reg.host));
+    let t = off.istag("app").unwrap();
+    assert_eq!(t["digest"], b.as_str());
+    assert!(t["history"][0].get("details").is_none(), "{t}");
+}
