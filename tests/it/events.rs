@@ -243,7 +243,7 @@ async fn annotated_image(
 async fn events_explain_the_change() {
     let reg = Registry::start();
     let push = Pusher::new(&reg.host);
-    let rx = crate::support::receiver::Receiver::start().await;
+    let rx = receiver::Receiver::start().await;
     let e = Engine::start(&format!(
         "[[trigger]]\nname = \"hook\"\non = [\"app:latest\", \"multi:latest\"]\nwebhook = {{ url = \"{}/x\" }}\n",
         rx.url
