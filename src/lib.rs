@@ -33,6 +33,7 @@ pub mod hooks;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod registry;
 mod robustness;
 pub mod scheduler;

@@ -1,0 +1,3 @@
+//! Policy tags (SPEC 8): pick the newest tag of a repository that matches a policy.
+
+pub mod range;
