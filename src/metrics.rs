@@ -107,13 +107,14 @@ fn m() -> &'static Metrics {
 }
 
 /// The reasons an import can fail with (`RegistryError::reason`).
-const REASONS: [&str; 6] = [
+const REASONS: [&str; 7] = [
     "NotFound",
     "Unauthorized",
     "RateLimited",
     "Unreachable",
     "InvalidResponse",
     "Unsupported",
+    "NoMatch",
 ];
 
 /// Creates every metric family with its known label values at zero, so that dashboards and

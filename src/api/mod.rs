@@ -587,6 +587,9 @@ pub struct TagBody {
     pub insecure: bool,
     #[serde(default)]
     pub platform: Option<String>,
+    /// `tag REPOSITORY DEST --policy=...`: DEST follows the newest matching tag of `source`.
+    #[serde(default)]
+    pub policy: Option<crate::model::PolicySpec>,
 }
 
 async fn tag(
@@ -632,6 +635,7 @@ async fn tag(
         scheduled: b.scheduled,
         insecure: b.insecure,
         platform: b.platform,
+        policy: b.policy,
     };
     let engine = s.engine.clone();
     let outcomes = detached(&s, async move { engine.tag(&req).await }).await?;

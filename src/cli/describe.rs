@@ -36,6 +36,15 @@ pub(super) fn source_line(t: &TagView) -> String {
         TagFrom::Tag(s) if t.spec.alias => format!("tagged from {s} (alias: follows every change)"),
         TagFrom::Tag(s) => format!("tagged from {s}"),
         TagFrom::Digest(d) => format!("tagged from {d} (pinned)"),
+        TagFrom::Policy(p) => format!(
+            "follows the newest tag of {} matching {}{}",
+            p.repository,
+            p.describe(),
+            t.source_tag
+                .as_ref()
+                .map(|s| format!(" (now {s})"))
+                .unwrap_or_default()
+        ),
     }
 }
 
@@ -210,6 +219,25 @@ pub(super) fn tag_text(v: &TagView) -> String {
             o += &format!("Cause:\t\t{}\n", h.cause.as_str());
         }
         None => o += "Image Name:\t<none yet>\n",
+    }
+    if let TagFrom::Policy(p) = &v.spec.from
+        && !v.held_back.is_empty()
+    {
+        let age = p
+            .min_age
+            .as_deref()
+            .and_then(|a| humantime::parse_duration(a).ok())
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .unwrap_or_default();
+        o += "Held back:\n";
+        for (tag, seen) in &v.held_back {
+            o += &format!(
+                "  {tag} ({}) seen {}, eligible at {}\n",
+                seen.digest.short(),
+                ago(seen.first_seen),
+                (seen.first_seen + age).to_rfc3339()
+            );
+        }
     }
     o += &format!("Generation:\t{}\n", v.spec_generation);
     if v.spec.scheduled {

@@ -149,6 +149,22 @@ pub struct TagArgs {
     /// Track this platform's manifest (external images only).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Follow the newest tag of the REPOSITORY source: `semver:RANGE`, `numerical` or
+    /// `alphabetical`.
+    #[arg(long, value_name = "POLICY")]
+    pub policy: Option<String>,
+    /// With --policy: a regular expression a tag must match to be a candidate.
+    #[arg(long, value_name = "REGEX")]
+    pub filter: Option<String>,
+    /// With --policy and --filter: what is compared instead of the tag (`$v`, `${v}`, `$1`).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub extract: Option<String>,
+    /// With --policy: semver pre-releases are candidates too.
+    #[arg(long)]
+    pub prerelease: bool,
+    /// With --policy: a move waits until the candidate was seen this long (e.g. 24h).
+    #[arg(long, value_name = "DURATION")]
+    pub min_age: Option<String>,
     /// SOURCE DEST... (or DEST... with -d)
     #[arg(required = true)]
     pub args: Vec<String>,
@@ -311,6 +327,41 @@ async fn tag(c: &Client, ns: &str, out: Option<&str>, a: TagArgs) -> Result<(), 
     }
     let source = a.args[0].clone();
     let dests = a.args[1..].to_vec();
+    let policy = match &a.policy {
+        Some(p) => {
+            let (semver, order) = match p.split_once(':') {
+                Some(("semver", r)) => (Some(r.to_string()), None),
+                None if p == "numerical" || p == "alphabetical" => (None, Some(p.clone())),
+                _ => {
+                    return Err(usage(format!(
+                        "--policy={p}: give semver:RANGE, numerical or alphabetical"
+                    )));
+                }
+            };
+            let spec = crate::model::PolicySpec {
+                repository: source.clone(),
+                semver,
+                order,
+                filter: a.filter.clone(),
+                extract: a.extract.clone(),
+                prerelease: a.prerelease,
+                min_age: a.min_age.clone(),
+            };
+            crate::policy::Policy::compile(&spec)
+                .map_err(|(k, e)| usage(format!("--policy ({k}): {e}")))?;
+            Some(spec)
+        }
+        None if a.filter.is_some()
+            || a.extract.is_some()
+            || a.prerelease
+            || a.min_age.is_some() =>
+        {
+            return Err(usage(
+                "--filter, --extract, --prerelease and --min-age go with --policy",
+            ));
+        }
+        None => None,
+    };
     let kind = match a.source.as_deref() {
         Some("docker") => SourceKind::Docker,
         Some("istag") => SourceKind::Istag,
@@ -318,6 +369,7 @@ async fn tag(c: &Client, ns: &str, out: Option<&str>, a: TagArgs) -> Result<(), 
         _ => crate::core::infer_source_kind(&source),
     };
     match kind {
+        _ if policy.is_some() => {}
         SourceKind::Docker => {
             ImageRef::parse(&source).map_err(usage)?;
         }
@@ -331,7 +383,10 @@ async fn tag(c: &Client, ns: &str, out: Option<&str>, a: TagArgs) -> Result<(), 
     for d in &dests {
         StreamTagRef::parse(d, ns).map_err(usage)?;
     }
-    if kind != SourceKind::Docker && (a.scheduled || a.insecure || a.platform.is_some()) {
+    if policy.is_none()
+        && kind != SourceKind::Docker
+        && (a.scheduled || a.insecure || a.platform.is_some())
+    {
         return Err(usage(
             "--scheduled, --insecure and --platform apply only to external images (--source=docker)",
         ));
@@ -353,9 +408,18 @@ async fn tag(c: &Client, ns: &str, out: Option<&str>, a: TagArgs) -> Result<(), 
     if let Some(p) = &a.platform {
         crate::config::check_platform(p).map_err(|e| usage(format!("--platform: {e}")))?;
     }
+    if policy.is_some() && a.alias {
+        return Err(usage("--alias does not go with --policy"));
+    }
+    let kind = if policy.is_some() {
+        SourceKind::Docker
+    } else {
+        kind
+    };
     let body = serde_json::json!({
         "source": source, "source_kind": kind, "dests": dests, "alias": a.alias,
         "scheduled": a.scheduled, "insecure": a.insecure, "platform": a.platform,
+        "policy": policy,
     });
     let op: crate::api::OperationView = c
         .post(&format!("/api/v1/namespaces/{ns}/tag"), &body)

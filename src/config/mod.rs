@@ -781,12 +781,42 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             if tags.iter().any(|d: &DeclaredTag| d.name == t.name) {
                 return Err(loc.err(&p("name"), format!("tag {} declared twice", t.name)));
             }
+            let mut policy_platform = None;
             let from = match (&t.from.image, &t.from.tag, &t.from.digest) {
-                (Some(img), None, None) => {
+                (None, None, None) if t.from.policy.is_some() => {
+                    let raw_p = t.from.policy.clone().expect("checked");
+                    let spec = crate::model::PolicySpec {
+                        repository: raw_p.repository,
+                        semver: raw_p.semver,
+                        order: raw_p.order,
+                        filter: raw_p.filter,
+                        extract: raw_p.extract,
+                        prerelease: raw_p.prerelease.unwrap_or(false),
+                        min_age: raw_p.min_age,
+                    };
+                    let pp = |k: &'static str| {
+                        [
+                            K("stream"),
+                            I(i),
+                            K("tags"),
+                            I(j),
+                            K("from"),
+                            K("policy"),
+                            K(k),
+                        ]
+                    };
+                    crate::policy::Policy::compile(&spec).map_err(|(k, e)| loc.err(&pp(k), e))?;
+                    if let Some(pl) = &raw_p.platform {
+                        check_platform(pl).map_err(|e| loc.err(&pp("platform"), e))?;
+                    }
+                    policy_platform = raw_p.platform;
+                    TagFrom::Policy(spec)
+                }
+                (Some(img), None, None) if t.from.policy.is_none() => {
                     ImageRef::parse(img).map_err(|e| loc.err(&p("from"), e))?;
                     TagFrom::Image(img.clone())
                 }
-                (None, Some(tag), None) => {
+                (None, Some(tag), None) if t.from.policy.is_none() => {
                     let src = if tag.contains(':') {
                         tag.clone()
                     } else {
@@ -806,7 +836,7 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                         TagFrom::Tag(r.to_string())
                     }
                 }
-                (None, None, Some(d)) => {
+                (None, None, Some(d)) if t.from.policy.is_none() => {
                     let src = if d.contains('@') {
                         d.clone()
                     } else {
@@ -819,7 +849,7 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 _ => {
                     return Err(loc.err(
                         &p("from"),
-                        "give exactly one of from.image, from.tag or from.digest",
+                        "give exactly one of from.image, from.tag, from.digest or from.policy",
                     ));
                 }
             };
@@ -828,10 +858,12 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 return Err(loc.err(&p("alias"), "alias needs from.tag"));
             }
             let scheduled = t.scheduled.unwrap_or(false);
-            if (scheduled || t.insecure.unwrap_or(false)) && !matches!(from, TagFrom::Image(_)) {
+            if (scheduled || t.insecure.unwrap_or(false))
+                && !matches!(from, TagFrom::Image(_) | TagFrom::Policy(_))
+            {
                 return Err(loc.err(
                     &p("scheduled"),
-                    "scheduled and insecure apply only to from.image",
+                    "scheduled and insecure apply only to from.image and from.policy",
                 ));
             }
             if let Some(sch) = &t.schedule {
@@ -846,7 +878,7 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 scheduled,
                 schedule: t.schedule.clone(),
                 insecure: t.insecure.unwrap_or(false),
-                platform: t.platform.clone(),
+                platform: t.platform.clone().or(policy_platform),
             };
             let hash = hex::encode(sha2::Sha256::digest(
                 serde_json::to_vec(&spec).unwrap_or_default(),

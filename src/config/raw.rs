@@ -188,6 +188,20 @@ pub(super) struct From {
     pub image: Option<String>,
     pub tag: Option<String>,
     pub digest: Option<String>,
+    pub policy: Option<Policy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Policy {
+    pub repository: String,
+    pub semver: Option<String>,
+    pub order: Option<String>,
+    pub filter: Option<String>,
+    pub extract: Option<String>,
+    pub prerelease: Option<bool>,
+    pub min_age: Option<String>,
+    pub platform: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -91,6 +91,8 @@ pub struct TagRequest {
     pub scheduled: bool,
     pub insecure: bool,
     pub platform: Option<String>,
+    /// `tag REPOSITORY DEST --policy=...`: the source is a repository and DEST follows it.
+    pub policy: Option<crate::model::PolicySpec>,
 }
 
 /// Messages to the scheduler: a stream's specs changed (re-read its tags), or a tag's digest
@@ -109,6 +111,11 @@ pub struct Engine {
     pub max_history: usize,
     /// `[[forge]]` hosts (host, kind) for compare links, besides github.com and gitlab.com.
     forges: Vec<(String, String)>,
+    /// Tag listings of policy repositories: one listing serves every policy tag of a
+    /// repository that checks at about the same time.
+    listings: std::sync::Mutex<
+        std::collections::HashMap<String, Arc<tokio::sync::Mutex<Option<Listing>>>>,
+    >,
     /// Committed events, for `watch` and in-process subscribers. Lagging receivers lose
     /// events; the outbox is the durable path.
     pub events: broadcast::Sender<Event>,
@@ -125,25 +132,46 @@ pub struct Engine {
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
+/// A repository's tags, and when the listing finished.
+type Listing = (std::time::Instant, Result<Vec<String>, RegistryError>);
+
+/// What a policy check decided.
+enum PolicyChoice {
+    /// Move to this repository tag's image.
+    Move(String, ImageRef, Resolved),
+    /// Keep the current image.
+    Keep,
+}
+
 /// `registry/repository:tag` -> the (stream key, tag) pairs tracking it.
 type PushIndex = std::collections::HashMap<String, BTreeSet<(String, String)>>;
 
 /// The external references a stream's tags track by tag (digest references never move),
 /// with the tag tracking each.
 fn tracked_refs(s: &ImageStream) -> Vec<(String, String)> {
-    s.tags
-        .iter()
-        .filter_map(|(name, t)| match &t.spec.from {
-            TagFrom::Image(r) => ImageRef::parse(r).ok().map(|r| (name, r)),
-            _ => None,
-        })
-        .filter(|(_, r)| r.digest.is_none())
-        .filter_map(|(name, r)| {
-            r.tag
-                .as_ref()
-                .map(|t| (format!("{}/{}:{t}", r.registry, r.repository), name.clone()))
-        })
-        .collect()
+    // A policy tag tracks every tag of its repository: `registry/repo:*`.
+    let policies = s.tags.iter().filter_map(|(name, t)| match &t.spec.from {
+        TagFrom::Policy(p) => ImageRef::parse(&p.repository)
+            .ok()
+            .map(|r| (format!("{}/{}:*", r.registry, r.repository), name.clone())),
+        _ => None,
+    });
+    let mut out: Vec<(String, String)> = policies.collect();
+    out.extend(
+        s.tags
+            .iter()
+            .filter_map(|(name, t)| match &t.spec.from {
+                TagFrom::Image(r) => ImageRef::parse(r).ok().map(|r| (name, r)),
+                _ => None,
+            })
+            .filter(|(_, r)| r.digest.is_none())
+            .filter_map(|(name, r)| {
+                r.tag
+                    .as_ref()
+                    .map(|t| (format!("{}/{}:{t}", r.registry, r.repository), name.clone()))
+            }),
+    );
+    out
 }
 
 /// Keeps the newest `max` history entries of the tags a change touched (0: all).
@@ -239,6 +267,7 @@ fn apply_result(
                     media_type: res.media_type.clone(),
                     platforms: res.platforms.clone(),
                     details: details.cloned(),
+                    source_tag: None,
                 });
                 if !changed {
                     t.succeed();
@@ -281,6 +310,7 @@ impl Engine {
                 max_import_all: config.schedule.max_import_all,
                 max_history: config.history_max_entries,
                 forges: config.forges.clone(),
+                listings: Default::default(),
                 events,
                 outbox: Arc::new(Notify::new()),
                 changed_tags: ct_tx,
@@ -536,6 +566,182 @@ impl Engine {
         }
     }
 
+    /// The tags of a policy repository, listed once for all policy tags checking it now.
+    async fn list_coalesced(
+        &self,
+        repo: &ImageRef,
+        insecure: bool,
+    ) -> Result<Vec<String>, RegistryError> {
+        let key = format!("{}/{}", repo.registry, repo.repository);
+        // Only a listing finished after this check began answers it: checks that arrive
+        // together share one, a later check (after a push, say) lists again.
+        let started = std::time::Instant::now();
+        let slot = self
+            .listings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut guard = slot.lock().await;
+        if let Some((at, res)) = &*guard
+            && *at >= started
+        {
+            return res.clone();
+        }
+        let res = self.registry.list_tags(repo, insecure).await;
+        crate::metrics::registry_check(&repo.registry, res.as_ref().err().map(|e| e.reason()));
+        // Stamped with when it finished: the checks waiting for it meanwhile share it.
+        *guard = Some((std::time::Instant::now(), res.clone()));
+        res
+    }
+
+    /// A policy tag's check (SPEC 8): list the repository, rank its tags, take the best one
+    /// that is not lower than the current choice and, with `min_age`, that istream has seen
+    /// with its digest long enough (a tag without an image takes the best at once); resolve
+    /// it by `HEAD` and record the move, or `NoMatch`, or nothing. `set_spec` also makes
+    /// `spec` the tag's spec (`tag --policy`).
+    pub async fn check_policy(
+        &self,
+        tag: &StreamTagRef,
+        spec: &TagSpec,
+        cause: Cause,
+        set_spec: bool,
+    ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
+        let TagFrom::Policy(ps) = &spec.from else {
+            return Err(CoreError::BadRequest(format!("{tag} is not a policy tag")));
+        };
+        let policy = crate::policy::Policy::compile(ps)
+            .map_err(|(k, e)| CoreError::BadRequest(format!("policy {k}: {e}")))?;
+        let current = self
+            .store
+            .load(&tag.stream.key(), Scope::Tags(vec![tag.tag.clone()]))
+            .await?
+            .and_then(|l| l.doc.tags.get(&tag.tag).cloned());
+        // The choice so far counts only under the same policy.
+        let same_policy = current.as_ref().is_some_and(|c| c.spec.from == spec.from);
+        let cur_source = current
+            .as_ref()
+            .filter(|_| same_policy)
+            .and_then(|c| c.source_tag.clone());
+        let cur_digest = current.as_ref().and_then(|c| c.current_digest().cloned());
+        let has_image = cur_digest.is_some();
+        let mut seen = current
+            .as_ref()
+            .filter(|_| same_policy)
+            .map(|c| c.seen.clone())
+            .unwrap_or_default();
+        let now = Utc::now();
+        let min_age = chrono::Duration::from_std(policy.min_age).unwrap_or(chrono::Duration::MAX);
+        let what = format!(
+            "{}/{}",
+            policy.repository.registry, policy.repository.repository
+        );
+        let decided: Result<PolicyChoice, RegistryError> = async {
+            let tags = self
+                .list_coalesced(&policy.repository, spec.insecure)
+                .await?;
+            let ranked = policy.rank(&tags);
+            if ranked.is_empty() {
+                return Err(RegistryError::NoMatch {
+                    what: what.clone(),
+                    detail: ps.describe(),
+                });
+            }
+            // Never lower on its own: a current choice that vanished upstream stays.
+            let candidates: Vec<&String> = ranked
+                .iter()
+                .filter(|c| cur_source.as_ref().is_none_or(|cs| !policy.lower(c, cs)))
+                .collect();
+            seen.retain(|t, _| candidates.contains(&t));
+            for c in candidates {
+                let r = policy.repository.with_tag(c);
+                let opts = Options {
+                    insecure: spec.insecure,
+                    platform: spec.platform.as_deref(),
+                    known: None,
+                    want_platforms: true,
+                };
+                let res = self.registry.resolve(&r, opts).await?;
+                if cur_source.as_deref() == Some(c.as_str())
+                    && cur_digest.as_ref() == Some(&res.digest)
+                {
+                    seen.remove(c.as_str());
+                    return Ok(PolicyChoice::Keep);
+                }
+                let first_seen = match seen.get(c.as_str()) {
+                    Some(s) if s.digest == res.digest => s.first_seen,
+                    _ => now,
+                };
+                if !has_image || now - first_seen >= min_age {
+                    seen.remove(c.as_str());
+                    return Ok(PolicyChoice::Move(c.clone(), r, res));
+                }
+                seen.insert(
+                    c.clone(),
+                    crate::model::Seen {
+                        digest: res.digest.clone(),
+                        first_seen,
+                    },
+                );
+            }
+            Ok(PolicyChoice::Keep)
+        }
+        .await;
+        let err = decided.as_ref().err().cloned();
+        let details = match &decided {
+            Ok(PolicyChoice::Move(_, r, res)) => {
+                let image_spec = TagSpec::new(TagFrom::Image(r.to_string()));
+                self.explain(tag, &image_spec, &Ok((r.clone(), res.clone())))
+                    .await
+            }
+            _ => None,
+        };
+        let stream = self
+            .mutate(&tag.stream, true, Scope::Tags(vec![tag.tag.clone()]), |s| {
+                if set_spec {
+                    s.set_spec(&tag.tag, spec.clone());
+                }
+                let generation = s.generation;
+                let Some(t) = s.tags.get_mut(&tag.tag) else {
+                    return Ok(());
+                };
+                if &t.spec != spec {
+                    return Ok(()); // re-specced meanwhile: this answer is stale
+                }
+                t.seen = seen.clone();
+                match &decided {
+                    Ok(PolicyChoice::Move(source, r, res)) => {
+                        let changed = t.record(HistoryEntry {
+                            digest: res.digest.clone(),
+                            image: r.pull_spec(&res.digest),
+                            created: now,
+                            generation: t.spec_generation,
+                            cause,
+                            id: new_id(),
+                            media_type: res.media_type.clone(),
+                            platforms: res.platforms.clone(),
+                            details: details.clone(),
+                            source_tag: Some(source.clone()),
+                        });
+                        if !changed {
+                            t.succeed();
+                        }
+                        t.source_tag = Some(source.clone());
+                    }
+                    Ok(PolicyChoice::Keep) => {
+                        t.succeed();
+                    }
+                    Err(e) => {
+                        t.fail(e.reason(), &e.to_string(), now, generation);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        Ok((stream, err))
+    }
+
     /// The details of an image about to become current (SPEC 10): fetched only when the
     /// registry answered a digest other than the tag's current one, within a few seconds;
     /// anything that goes wrong leaves them out (logged) and the change goes on without them.
@@ -683,6 +889,12 @@ impl Engine {
                         .or_else(|| old.and_then(|o| o.platform.clone())),
                 }
             }
+            (None, Some(t)) if matches!(t.spec.from, TagFrom::Policy(_)) => {
+                let (_, error) = self
+                    .check_policy(&tag, &t.spec, Cause::Import, false)
+                    .await?;
+                return Ok(vec![Outcome { tag, error }]);
+            }
             (None, Some(t)) => {
                 let TagFrom::Image(_) = &t.spec.from else {
                     return Err(CoreError::BadRequest(format!(
@@ -826,6 +1038,30 @@ impl Engine {
         }
         if let Some(p) = &req.platform {
             crate::config::check_platform(p).map_err(CoreError::BadRequest)?;
+        }
+        if let Some(policy) = &req.policy {
+            // `tag REPOSITORY DEST --policy=...`: the source names the repository.
+            let policy = crate::model::PolicySpec {
+                repository: req.source.clone(),
+                ..policy.clone()
+            };
+            crate::policy::Policy::compile(&policy)
+                .map_err(|(k, e)| CoreError::BadRequest(format!("policy {k}: {e}")))?;
+            let spec = TagSpec {
+                scheduled: req.scheduled,
+                insecure: req.insecure,
+                platform: req.platform.clone(),
+                ..TagSpec::new(TagFrom::Policy(policy))
+            };
+            let mut outcomes = Vec::new();
+            for d in &dests {
+                let (_, error) = self.check_policy(d, &spec, Cause::Tag, true).await?;
+                outcomes.push(Outcome {
+                    tag: d.clone(),
+                    error,
+                });
+            }
+            return Ok(outcomes);
         }
         match kind {
             SourceKind::Docker => {
@@ -1064,7 +1300,7 @@ impl Engine {
             };
             for dt in &ds.tags {
                 if let Some(t) = stream.tags.get(&dt.name)
-                    && matches!(t.spec.from, TagFrom::Image(_))
+                    && matches!(t.spec.from, TagFrom::Image(_) | TagFrom::Policy(_))
                     && t.declared.as_deref() == Some(&dt.hash)
                 {
                     let imported_at_gen = t.history.first().map(|h| h.generation).unwrap_or(-1);
@@ -1105,11 +1341,14 @@ impl Engine {
         futures_util::stream::iter(batches)
             .for_each_concurrent(AT_ONCE, |batch| async move {
                 for (tag, spec) in batch {
-                    let result = self.resolve(&spec, None).await;
-                    if let Err(e) = self
-                        .record_import(&tag, &spec, result, Cause::Import, false)
-                        .await
-                    {
+                    let done = if matches!(spec.from, TagFrom::Policy(_)) {
+                        self.check_policy(&tag, &spec, Cause::Import, false).await
+                    } else {
+                        let result = self.resolve(&spec, None).await;
+                        self.record_import(&tag, &spec, result, Cause::Import, false)
+                            .await
+                    };
+                    if let Err(e) = done {
                         tracing::error!(tag = %tag, error = %e, "cannot record import");
                     }
                 }
@@ -1134,6 +1373,37 @@ impl Engine {
         let mut targets: Vec<(StreamTagRef, TagSpec)> = Vec::new();
         let mut streams = Vec::new();
         let wanted = format!("{registry}/{repository}:{tag}");
+        // Policy tags of the repository re-evaluate on any push to it.
+        let mut done = Vec::new();
+        for (key, name) in self
+            .tags_tracking(&format!("{registry}/{repository}:*"), false)
+            .await?
+        {
+            let Some(l) = self
+                .store
+                .load(&key, Scope::Tags(vec![name.clone()]))
+                .await?
+            else {
+                continue;
+            };
+            if let Some(t) = l.doc.tags.get(&name)
+                && let TagFrom::Policy(p) = &t.spec.from
+                && ImageRef::parse(&p.repository)
+                    .is_ok_and(|r| r.registry == registry && r.repository == repository)
+            {
+                let st = StreamTagRef::new(StreamName::new(&l.doc.namespace, &l.doc.name)?, &name)?;
+                let (stream, err) = self.check_policy(&st, &t.spec, Cause::Push, false).await?;
+                let seen = if err.is_some() {
+                    None
+                } else {
+                    stream
+                        .tags
+                        .get(&name)
+                        .and_then(|t| t.current_digest().cloned())
+                };
+                done.push((st, seen));
+            }
+        }
         for (key, name) in self.tags_tracking(&wanted, tag.is_empty()).await? {
             if let Some(l) = self.store.load(&key, Scope::Tags(vec![name])).await? {
                 streams.push(l.doc);
@@ -1157,8 +1427,8 @@ impl Engine {
         }
         targets.sort_by(|a, b| a.0.cmp(&b.0));
         targets.dedup_by(|a, b| a.0 == b.0);
-        let mut done = Vec::new();
         if targets.is_empty()
+            && done.is_empty()
             && !tag.is_empty()
             && let Some(dest) = create_in
         {

@@ -30,6 +30,12 @@ pub struct TagView {
     pub next_due: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_push: Option<DateTime<Utc>>,
+    /// Policy tags: the repository tag the current image was chosen as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_tag: Option<String>,
+    /// Policy tags: newer candidates waiting for `min_age`, with when they were first seen.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub held_back: std::collections::BTreeMap<String, crate::model::Seen>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +62,8 @@ pub fn tag_view(s: &ImageStream, tag: &str, sched: Option<Schedule>) -> Option<T
         last_checked: sched.and_then(|s| s.last_checked),
         next_due: sched.and_then(|s| s.next_due),
         last_push: t.last_push,
+        source_tag: t.source_tag.clone(),
+        held_back: t.seen.clone(),
     })
 }
 

@@ -9,4 +9,6 @@ pub use event::{Event, EventData};
 pub use reference::{
     DEFAULT_NAMESPACE, Digest, ImageRef, RefError, StreamImageRef, StreamName, StreamTagRef,
 };
-pub use stream::{Cause, Condition, HistoryEntry, ImageStream, Tag, TagFrom, TagSpec};
+pub use stream::{
+    Cause, Condition, HistoryEntry, ImageStream, PolicySpec, Seen, Tag, TagFrom, TagSpec,
+};

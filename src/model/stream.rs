@@ -19,6 +19,58 @@ pub enum TagFrom {
     Tag(String),
     /// A stream image `[ns/]stream@digest`: a pin.
     Digest(String),
+    /// The newest tag of an external repository that matches a policy (SPEC 8).
+    Policy(PolicySpec),
+}
+
+/// `from.policy`: which tag of `repository` a policy tag follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySpec {
+    pub repository: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub semver: Option<String>,
+    /// `numerical` or `alphabetical`, instead of `semver`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extract: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prerelease: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_age: Option<String>,
+}
+
+impl PolicySpec {
+    /// `semver >=3.12, <4`, `numerical`, ... as `describe` says it.
+    pub fn describe(&self) -> String {
+        let mut s = match (&self.semver, &self.order) {
+            (Some(r), _) => format!("semver {r}"),
+            (None, Some(o)) => format!("{o} order"),
+            (None, None) => "no order".into(),
+        };
+        if let Some(f) = &self.filter {
+            s += &format!(", filter {f}");
+        }
+        if let Some(e) = &self.extract {
+            s += &format!(", extract {e}");
+        }
+        if self.prerelease {
+            s += ", pre-releases included";
+        }
+        if let Some(a) = &self.min_age {
+            s += &format!(", min age {a}");
+        }
+        s
+    }
+}
+
+/// When istream first saw a candidate of a policy tag with its digest (for `min_age`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    pub digest: Digest,
+    pub first_seen: DateTime<Utc>,
 }
 
 impl TagFrom {
@@ -27,11 +79,13 @@ impl TagFrom {
             TagFrom::Image(_) => "image",
             TagFrom::Tag(_) => "tag",
             TagFrom::Digest(_) => "digest",
+            TagFrom::Policy(_) => "policy",
         }
     }
     pub fn name(&self) -> &str {
         match self {
             TagFrom::Image(s) | TagFrom::Tag(s) | TagFrom::Digest(s) => s,
+            TagFrom::Policy(p) => &p.repository,
         }
     }
 }
@@ -106,6 +160,9 @@ pub struct HistoryEntry {
     /// What the image is (annotations, layers), fetched when it became current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Details>,
+    /// For a policy tag: the repository tag this image was chosen as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_tag: Option<String>,
 }
 
 /// An image's annotations, platforms and layers (SPEC 10).
@@ -218,6 +275,12 @@ pub struct Tag {
     /// When a registry push last moved this tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_push: Option<DateTime<Utc>>,
+    /// Policy tags: the repository tag the current image was chosen as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_tag: Option<String>,
+    /// Policy tags with `min_age`: candidates newer than the current one, as first seen.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub seen: BTreeMap<String, Seen>,
 }
 
 impl Tag {
@@ -293,7 +356,12 @@ impl Tag {
 
     /// Whether the scheduler should poll this tag: scheduled, from an external image by tag.
     pub fn is_polled(&self) -> bool {
-        self.spec.scheduled && matches!(&self.spec.from, TagFrom::Image(r) if !r.contains('@'))
+        self.spec.scheduled
+            && match &self.spec.from {
+                TagFrom::Image(r) => !r.contains('@'),
+                TagFrom::Policy(_) => true,
+                _ => false,
+            }
     }
 }
 
@@ -336,6 +404,8 @@ impl ImageStream {
             conditions: Vec::new(),
             declared: None,
             last_push: None,
+            source_tag: None,
+            seen: BTreeMap::new(),
         });
         if changed {
             t.spec = spec;
@@ -404,6 +474,7 @@ mod tests {
             media_type: None,
             platforms: vec![],
             details: None,
+            source_tag: None,
         }
     }
 

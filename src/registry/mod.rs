@@ -57,6 +57,9 @@ pub enum RegistryError {
     },
     #[error("{what}: {detail}")]
     Unsupported { what: String, detail: String },
+    /// A policy tag found no tag of its repository that matches its policy.
+    #[error("no tag of {what} matches {detail}")]
+    NoMatch { what: String, detail: String },
 }
 
 impl RegistryError {
@@ -69,6 +72,7 @@ impl RegistryError {
             RegistryError::Unreachable { .. } => "Unreachable",
             RegistryError::InvalidResponse { .. } => "InvalidResponse",
             RegistryError::Unsupported { .. } => "Unsupported",
+            RegistryError::NoMatch { .. } => "NoMatch",
         }
     }
     pub fn retry_after(&self) -> Option<Duration> {

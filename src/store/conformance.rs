@@ -216,6 +216,7 @@ fn entry(n: u32) -> HistoryEntry {
         media_type: None,
         platforms: vec![],
         details: None,
+        source_tag: None,
     }
 }
 

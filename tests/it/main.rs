@@ -11,6 +11,7 @@ mod cluster;
 mod events;
 mod hooks;
 mod ops;
+mod policy;
 mod registries;
 mod scheduler;
 mod triggers;
