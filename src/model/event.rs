@@ -57,12 +57,16 @@ pub struct EventData {
     pub layers: Option<crate::model::stream::LayerChanges>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compare_url: Option<String>,
+    /// `tag.changed` of a policy tag: the repository tag the new image was chosen as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_tag: Option<String>,
 }
 
 impl EventData {
     /// Fills the SPEC 10 fields of a `tag.changed` event from the entry that became current.
     pub fn explain(&mut self, entry: &crate::model::HistoryEntry, previous_image: Option<&str>) {
         self.previous_image = Some(previous_image.map(str::to_string));
+        self.source_tag = entry.source_tag.clone();
         let platforms = entry
             .details
             .as_ref()
@@ -99,6 +103,7 @@ impl EventData {
             platforms: None,
             layers: None,
             compare_url: None,
+            source_tag: None,
         }
     }
 }

@@ -96,6 +96,7 @@ pub fn current_event(engine: &Engine, s: &ImageStream, tag: &str) -> Option<Even
             platforms: None,
             layers: None,
             compare_url: None,
+            source_tag: None,
         },
     ))
     .map(|mut e| {

@@ -2,6 +2,7 @@
 //! one on its own, `NoMatch` when nothing matches, `min_age` holds a move back, filters and
 //! extracts, declared policy tags imported at start, a push re-evaluating them.
 
+use crate::support::receiver::Receiver;
 use crate::support::*;
 
 async fn delete_manifest(host: &str, repo: &str, digest: &str) {
@@ -186,7 +187,14 @@ async fn declared_policy_tags_with_filter_and_extract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_re_evaluates_policy_tags() {
     const TOKEN: &str = "policy-hook";
-    let e = Engine::start_env("[hooks]\ntoken_env = \"T_HOOKS\"\n", &[("T_HOOKS", TOKEN)]);
+    let rx = Receiver::start().await;
+    let e = Engine::start_env(
+        &format!(
+            "[hooks]\ntoken_env = \"T_HOOKS\"\n\n[[trigger]]\nname = \"t\"\non = [\"base:1\"]\nwebhook = {{ url = \"{}/x\" }}\n",
+            rx.url
+        ),
+        &[("T_HOOKS", TOKEN)],
+    );
     let reg = Registry::start_with(RegistryOptions {
         notify: Some((format!("{}/hooks/registry", e.url), TOKEN.into())),
         ..Default::default()
@@ -203,6 +211,14 @@ async fn a_push_re_evaluates_policy_tags() {
     .await;
     assert_eq!(t["source_tag"], "1.1.0");
     assert_eq!(t["history"][0]["cause"], "push");
+    // the change's event names the chosen tag
+    let reqs = rx.wait_requests(2).await;
+    let last = reqs
+        .iter()
+        .map(|r| r.json())
+        .find(|j| j["data"]["digest"] == d.as_str())
+        .unwrap();
+    assert_eq!(last["data"]["source_tag"], "1.1.0");
 }
 
 /// A scheduled policy tag is re-listed on its schedule.
