@@ -241,3 +241,51 @@ async fn a_scheduled_policy_tag_moves_by_itself() {
     assert_eq!(t["source_tag"], "10");
     assert_eq!(t["history"][0]["cause"], "schedule");
 }
+
+/// The listing follows `Link` pagination (1,001 tags: two pages of 1,000), and `platform`
+/// tracks one platform's manifest of the winning index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_span_pages_and_platforms_are_tracked() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let manifest = push.prepare("team/paged", "one").await;
+    for i in 0..1001 {
+        push.manifest(
+            "team/paged",
+            &format!("1.0.{i}"),
+            "application/vnd.docker.distribution.manifest.v2+json",
+            &manifest,
+        )
+        .await;
+    }
+    let e = Engine::start("");
+    let repo = format!("{}/team/paged", reg.host);
+    expect_code(&e.cli(&["tag", &repo, "paged:1", "--policy=semver:^1"]), 0);
+    assert_eq!(
+        e.istag("paged:1").unwrap()["source_tag"],
+        "1.0.1000",
+        "the newest tag is on the second page"
+    );
+
+    let (_, children) = push
+        .index(
+            "team/multi",
+            "2.0.0",
+            &[("linux", "amd64", "a"), ("linux", "arm64", "a")],
+        )
+        .await;
+    let multi = format!("{}/team/multi", reg.host);
+    expect_code(
+        &e.cli(&[
+            "tag",
+            &multi,
+            "multi:2",
+            "--policy=semver:2.x",
+            "--platform=linux/arm64",
+        ]),
+        0,
+    );
+    let t = e.istag("multi:2").unwrap();
+    assert_eq!(t["digest"], children[1].as_str(), "the arm64 manifest: {t}");
+    assert_eq!(t["spec"]["platform"], "linux/arm64");
+}
