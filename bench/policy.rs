@@ -10,6 +10,9 @@
 #[allow(unused_imports)]
 mod support;
 
+mod common;
+use common::*;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,15 +21,6 @@ use istream::core::Engine;
 use istream::model::{Cause, PolicySpec, StreamTagRef, TagFrom, TagSpec};
 use istream::registry::RegistryClient;
 use istream::store::Store;
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
 
 /// Walks `tags/list` with `n=1000` pages, as any client would.
 async fn plain_walk(host: &str, repo: &str) -> usize {

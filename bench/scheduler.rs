@@ -17,6 +17,9 @@
 #[allow(unused_imports)]
 mod support;
 
+mod common;
+use common::*;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -28,15 +31,6 @@ use istream::registry::RegistryClient;
 use istream::scheduler::{CHECKS, Scheduler};
 use istream::store::Store;
 
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
 fn peak_rss_mb() -> f64 {
     rss_field("VmHWM:")
 }
@@ -44,17 +38,6 @@ fn peak_rss_mb() -> f64 {
 /// Resident now (not the high-water mark).
 fn rss_mb() -> f64 {
     rss_field("VmRSS:")
-}
-
-fn rss_field(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";

@@ -414,66 +414,40 @@ async fn check(
     known: Option<Digest>,
     has_error: bool,
 ) -> CheckDone {
-    if matches!(spec.from, crate::model::TagFrom::Policy(_)) {
-        // A policy tag's check lists the repository; it writes only when something moved.
-        return match engine
+    // A policy tag's check lists its repository; an image tag's is one conditional HEAD that
+    // touches the store only when something changed.
+    let recorded = if matches!(spec.from, crate::model::TagFrom::Policy(_)) {
+        engine
             .check_policy(&tag, &spec, Cause::Schedule, false)
             .await
-        {
-            Ok((stream, err)) => {
-                let t = stream.tags.get(&tag.tag);
-                CheckDone {
-                    key,
-                    version,
-                    known: t.and_then(|t| t.current_digest().cloned()),
-                    has_error: t.is_some_and(|t| t.import_error().is_some()),
-                    retry_after: err.as_ref().and_then(|e| e.retry_after()),
-                    failed: err.is_some(),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(tag = %tag, error = %e, "cannot record scheduled policy check");
-                CheckDone {
-                    key,
-                    version,
-                    known,
-                    has_error,
-                    retry_after: None,
-                    failed: true,
-                }
-            }
-        };
-    }
-    let result = engine.resolve(&spec, known.as_ref()).await;
-    let (failed, retry_after) = match &result {
-        Ok(_) => (false, None),
-        Err(e) => (true, e.retry_after()),
+    } else {
+        let result = engine.resolve(&spec, known.as_ref()).await;
+        let unchanged =
+            matches!(&result, Ok((_, r)) if r.unchanged || Some(&r.digest) == known.as_ref());
+        if unchanged && !has_error {
+            return CheckDone {
+                key,
+                version,
+                known,
+                has_error,
+                retry_after: None,
+                failed: false,
+            };
+        }
+        engine
+            .record_import(&tag, &spec, result, Cause::Schedule, false)
+            .await
     };
-    let unchanged =
-        matches!(&result, Ok((_, r)) if r.unchanged || Some(&r.digest) == known.as_ref());
-    if unchanged && !has_error {
-        return CheckDone {
-            key,
-            version,
-            known,
-            has_error,
-            retry_after,
-            failed,
-        };
-    }
-    match engine
-        .record_import(&tag, &spec, result, Cause::Schedule, false)
-        .await
-    {
-        Ok((stream, _)) => {
+    match recorded {
+        Ok((stream, err)) => {
             let t = stream.tags.get(&tag.tag);
             CheckDone {
                 key,
                 version,
                 known: t.and_then(|t| t.current_digest().cloned()),
                 has_error: t.is_some_and(|t| t.import_error().is_some()),
-                retry_after,
-                failed,
+                retry_after: err.as_ref().and_then(|e| e.retry_after()),
+                failed: err.is_some(),
             }
         }
         Err(e) => {
@@ -483,7 +457,7 @@ async fn check(
                 version,
                 known,
                 has_error,
-                retry_after,
+                retry_after: None,
                 failed: true,
             }
         }

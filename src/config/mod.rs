@@ -470,6 +470,27 @@ pub fn expand_home(p: &str) -> PathBuf {
     }
 }
 
+/// A sink's token: `token_env` or `token_file`, one of them required (named at `at`).
+fn sink_token(
+    loc: &Locator,
+    env_path: &[P],
+    at: &[P],
+    env: &Option<String>,
+    file: &Option<String>,
+    sink: &str,
+) -> Result<Secret, ConfigError> {
+    secret(loc, env_path, env, file)?
+        .ok_or_else(|| loc.err(at, format!("{sink} needs token_env or token_file")))
+}
+
+/// A path segment of a sink's URL (an organization, a pipeline): non-empty, no `/`.
+fn segment(loc: &Locator, path: &[P], v: &str) -> Result<(), ConfigError> {
+    if v.is_empty() || v.contains('/') {
+        return Err(loc.err(path, format!("\"{v}\" must be a name (no '/')")));
+    }
+    Ok(())
+}
+
 /// The longest duration any key takes: every period, timeout and age fits in a year, and
 /// longer ones would overflow the clocks they are added to.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -1143,11 +1164,8 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             if let Some(s) = &b.timeout {
                 timeout = duration(loc, &pb("timeout"), s)?;
             }
-            for (k, v) in [("org", &b.org), ("pipeline", &b.pipeline)] {
-                if v.is_empty() || v.contains('/') {
-                    return Err(loc.err(&pb(k), format!("\"{v}\" must be a slug (no '/')")));
-                }
-            }
+            segment(loc, &pb("org"), &b.org)?;
+            segment(loc, &pb("pipeline"), &b.pipeline)?;
             Sink::Buildkite {
                 api: url(
                     loc,
@@ -1158,8 +1176,13 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 pipeline: b.pipeline.clone(),
                 branch: b.branch.clone().unwrap_or_else(|| "main".into()),
                 commit: b.commit.clone().unwrap_or_else(|| "HEAD".into()),
-                token: secret(loc, &pb("token_env"), &b.token_env, &b.token_file)?.ok_or_else(
-                    || loc.err(&pb("org"), "buildkite needs token_env or token_file"),
+                token: sink_token(
+                    loc,
+                    &pb("token_env"),
+                    &pb("org"),
+                    &b.token_env,
+                    &b.token_file,
+                    "buildkite",
                 )?,
             }
         } else if let Some(c) = &t.circleci {
@@ -1186,13 +1209,13 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 )?,
                 project_slug: c.project_slug.clone(),
                 branch: c.branch.clone().unwrap_or_else(|| "main".into()),
-                token: secret(loc, &pc("token_env"), &c.token_env, &c.token_file)?.ok_or_else(
-                    || {
-                        loc.err(
-                            &pc("project_slug"),
-                            "circleci needs token_env or token_file",
-                        )
-                    },
+                token: sink_token(
+                    loc,
+                    &pc("token_env"),
+                    &pc("project_slug"),
+                    &c.token_env,
+                    &c.token_file,
+                    "circleci",
                 )?,
             }
         } else if let Some(a) = &t.azure {
@@ -1200,11 +1223,8 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
             if let Some(s) = &a.timeout {
                 timeout = duration(loc, &pa("timeout"), s)?;
             }
-            for (k, v) in [("organization", &a.organization), ("project", &a.project)] {
-                if v.is_empty() || v.contains('/') {
-                    return Err(loc.err(&pa(k), format!("\"{v}\" must be a name (no '/')")));
-                }
-            }
+            segment(loc, &pa("organization"), &a.organization)?;
+            segment(loc, &pa("project"), &a.project)?;
             Sink::Azure {
                 api: url(
                     loc,
@@ -1215,8 +1235,13 @@ fn validate(raw: raw::Raw, path: &Path, loc: &Locator) -> Result<Config, ConfigE
                 project: a.project.clone(),
                 pipeline_id: a.pipeline_id,
                 branch: a.branch.clone().unwrap_or_else(|| "main".into()),
-                token: secret(loc, &pa("token_env"), &a.token_env, &a.token_file)?.ok_or_else(
-                    || loc.err(&pa("organization"), "azure needs token_env or token_file"),
+                token: sink_token(
+                    loc,
+                    &pa("token_env"),
+                    &pa("organization"),
+                    &a.token_env,
+                    &a.token_file,
+                    "azure",
                 )?,
             }
         } else {

@@ -79,24 +79,12 @@ pub fn current_event(engine: &Engine, s: &ImageStream, tag: &str) -> Option<Even
         &engine.instance,
         cur.created,
         EventData {
-            namespace: s.namespace.clone(),
-            stream: s.name.clone(),
-            tag: tag.to_string(),
             digest: Some(cur.digest.to_string()),
             previous: t.history.get(1).map(|h| h.digest.to_string()),
             image: Some(cur.image.clone()),
             generation: cur.generation,
             cause: Some(cur.cause.as_str().into()),
-            reason: None,
-            message: None,
-            trigger: None,
-            test: None,
-            previous_image: None,
-            annotations: None,
-            platforms: None,
-            layers: None,
-            compare_url: None,
-            source_tag: None,
+            ..EventData::for_tag(&s.namespace, &s.name, tag)
         },
     ))
     .map(|mut e| {

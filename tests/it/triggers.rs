@@ -251,24 +251,7 @@ webhook = {{ url = \"{u}/templated\", body_template = '{{\"d\": \"{{{{ data.dige
             serde_json::json!({"headers": headers, "body": b64}).to_string() + "\n"
         })
         .collect();
-    let mut child = std::process::Command::new(venv_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/cloudevents_check.py"
-        ))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(lines.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_python("cloudevents_check.py", &[], lines.as_bytes());
     assert!(
         out.status.success(),
         "{}",
@@ -604,25 +587,11 @@ webhook = {{ url = \"{u}/sw\", secret_env = \"T_SW\", signature = \"standard\" }
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap().into()))
             .collect();
         let input = serde_json::json!({"headers": headers, "body": String::from_utf8_lossy(body)});
-        let mut child = std::process::Command::new(venv_python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/data/standardwebhooks_check.py"
-            ))
-            .arg(secret)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        run_python(
+            "standardwebhooks_check.py",
+            &[secret],
+            input.to_string().as_bytes(),
+        )
     };
     let ok = check(&sw.body);
     assert!(

@@ -629,6 +629,25 @@ pub fn venv_python() -> PathBuf {
     p
 }
 
+/// Runs `tests/data/<script>` with the test venv's Python, `input` on its stdin.
+pub fn run_python(script: &str, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(venv_python())
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data")
+                .join(script),
+        )
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `nats-server` >= 2.10: `$ISTREAM_TEST_NATS`, else the one scripts/test.sh installs.
 pub fn nats_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ISTREAM_TEST_NATS") {
