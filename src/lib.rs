@@ -40,3 +40,4 @@ pub mod scheduler;
 pub mod serve;
 pub mod store;
 pub mod trigger;
+mod ui;

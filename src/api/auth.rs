@@ -77,53 +77,61 @@ pub fn token_matches(check: &TokenCheck, presented: &str) -> bool {
     }
 }
 
+/// Who presents `presented` (a bearer token, or none) from `peer`: the API's rule, shared with
+/// the web UI, which presents the token from its cookie.
+pub(crate) fn identify(
+    config: &crate::config::Config,
+    peer: SocketAddr,
+    presented: Option<&str>,
+) -> Result<Caller, ApiError> {
+    if config.api_tokens.is_empty() {
+        if !peer.ip().is_loopback() && !config.server.allow_unauthenticated {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "no API tokens are configured: only loopback clients are served".into(),
+            ));
+        }
+        return Ok(Caller::Local);
+    }
+    let Some(presented) = presented else {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <token> (set --token or ISTREAM_TOKEN)".into(),
+        ));
+    };
+    config
+        .api_tokens
+        .iter()
+        .find(|t| token_matches(&t.check, presented))
+        .map(|t| Caller::Token(Arc::new(t.clone())))
+        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "invalid API token".into()))
+}
+
+/// The token of an `Authorization: Bearer` header.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
 pub async fn authenticate(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let caller = if s.config.api_tokens.is_empty() {
-        if !peer.ip().is_loopback() && !s.config.server.allow_unauthenticated {
-            return ApiError(
-                StatusCode::FORBIDDEN,
-                "no API tokens are configured: only loopback clients are served".into(),
-            )
-            .into_response();
+    match identify(&s.config, peer, bearer(req.headers())) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
         }
-        Caller::Local
-    } else {
-        let presented = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        let Some(presented) = presented else {
-            return ApiError(
-                StatusCode::UNAUTHORIZED,
-                "missing Authorization: Bearer <token> (set --token or ISTREAM_TOKEN)".into(),
-            )
-            .into_response();
-        };
-        match s
-            .config
-            .api_tokens
-            .iter()
-            .find(|t| token_matches(&t.check, presented))
-        {
-            Some(t) => Caller::Token(Arc::new(t.clone())),
-            None => {
-                return ApiError(StatusCode::UNAUTHORIZED, "invalid API token".into())
-                    .into_response();
-            }
-        }
-    };
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+        Err(e) => e.into_response(),
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {

@@ -1,6 +1,6 @@
 //! The HTTP surface of `istream serve`: the `/api/v1` the CLI uses (documented by
-//! `/api/v1/openapi.json`), registry hooks under `/hooks/`, and `/healthz`, `/readyz`,
-//! `/metrics`. Handlers translate HTTP to core calls and core errors to status codes; they
+//! `/api/v1/openapi.json`), registry hooks under `/hooks/`, the web UI under `/ui/`, and
+//! `/healthz`, `/readyz`, `/metrics`. Handlers translate HTTP to core calls and core errors to status codes; they
 //! never touch the store's write side.
 
 pub mod auth;
@@ -109,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(api)
+        .merge(crate::ui::router(state.clone()))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

@@ -31,6 +31,9 @@ pub struct Triggers {
     delivery: DeliveryConfig,
     http: reqwest::Client,
     wake: Notify,
+    /// Bumped whenever this replica records a delivery's progress (claimed, settled,
+    /// re-queued): the web UI's live pages refresh on it.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -122,7 +125,17 @@ impl Triggers {
             delivery,
             http,
             wake: Notify::new(),
+            changed: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Fires when deliveries progressed on this replica (see `changed`).
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn note_change(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Plans several tags, reading each stream once however many of its tags are watched,
@@ -249,6 +262,7 @@ impl Triggers {
         let mut done: Vec<Completion> = Vec::new();
         loop {
             let room = self.delivery.concurrency.saturating_sub(running.len());
+            let settled = !done.is_empty();
             match self
                 .engine
                 .store
@@ -256,6 +270,9 @@ impl Triggers {
                 .await
             {
                 Ok(due) => {
+                    if settled || !due.is_empty() {
+                        self.note_change();
+                    }
                     for d in due {
                         let me = self.clone();
                         running.spawn(async move { me.attempt(d).await });
@@ -463,6 +480,7 @@ impl Triggers {
             return Err(CoreError::NotFound(format!("trigger {name} not found")));
         }
         let n = self.engine.store.retry_dead(name, now_ms()).await?;
+        self.note_change();
         self.wake.notify_one();
         Ok(n)
     }
