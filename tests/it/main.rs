@@ -15,5 +15,6 @@ mod policy;
 mod registries;
 mod scheduler;
 mod triggers;
+mod ui;
 mod upgrade;
 mod walkthrough;

@@ -38,16 +38,28 @@
   }
   function soon() { if (!pending) pending = setTimeout(refresh, 250); }
 
-  var source = new EventSource("/ui/events");
-  source.addEventListener("open", function () { say("live"); });
-  source.addEventListener("error", function () { say("reconnecting…"); });
-  source.addEventListener("tag", function (e) {
-    var d;
-    try { d = JSON.parse(e.data); } catch (_) { return; }
-    if (live === "streams" || live === "stream:" + d.namespace + "/" + d.stream) soon();
+  // Browsers allow about six HTTP/1.1 connections per host: a page left behind (or kept in
+  // the back/forward cache) must give its event stream back, or later pages stall.
+  var source = null;
+  function connect() {
+    source = new EventSource("/ui/events");
+    source.addEventListener("open", function () { say("live"); });
+    source.addEventListener("error", function () { say("reconnecting…"); });
+    source.addEventListener("tag", function (e) {
+      var d;
+      try { d = JSON.parse(e.data); } catch (_) { return; }
+      if (live === "streams" || live === "stream:" + d.namespace + "/" + d.stream) soon();
+    });
+    source.addEventListener("deliveries", function () {
+      if (live === "triggers" || live.indexOf("trigger:") === 0) soon();
+    });
+    source.addEventListener("resync", soon);
+  }
+  window.addEventListener("pagehide", function () {
+    if (source) { source.close(); source = null; }
   });
-  source.addEventListener("deliveries", function () {
-    if (live === "triggers" || live.indexOf("trigger:") === 0) soon();
+  window.addEventListener("pageshow", function (e) {
+    if (e.persisted && !source) { connect(); soon(); }
   });
-  source.addEventListener("resync", soon);
+  connect();
 })();
