@@ -103,15 +103,49 @@ fn wanted_event(source: &str) -> Option<(&'static [&'static str], &'static str)>
 
 #[derive(Default)]
 pub struct HookState {
-    /// Re-checks running per `registry/repo:tag`; true when another push arrived meanwhile.
-    running: Mutex<HashMap<String, bool>>,
+    /// Re-checks running per `registry/repo:tag`, with the run asked for by pushes that
+    /// arrived meanwhile.
+    running: Mutex<HashMap<String, Option<Rerun>>>,
+    /// The digest each recent re-check found per `registry/repo:tag`: a notification naming
+    /// it again within `CONFIRMED_FOR` (a registry's retry, a second endpoint, a replay) costs
+    /// no registry request.
+    confirmed: Mutex<HashMap<String, (String, std::time::Instant)>>,
     limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// How long a re-check's answer stands for notifications that name the same digest.
+const CONFIRMED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// Beyond this many remembered answers, expired ones are dropped.
+const CONFIRMED_MAX: usize = 10_000;
+
 impl HookState {
+    fn already_confirmed(&self, key: &str, digest: Option<&str>) -> bool {
+        let Some(d) = digest else { return false };
+        let confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        confirmed
+            .get(key)
+            .is_some_and(|(seen, at)| seen == d && at.elapsed() < CONFIRMED_FOR)
+    }
+
+    fn confirm(&self, key: &str, digest: Option<String>) {
+        let mut confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        match digest {
+            Some(d) => {
+                if confirmed.len() >= CONFIRMED_MAX {
+                    confirmed.retain(|_, (_, at)| at.elapsed() < CONFIRMED_FOR);
+                }
+                confirmed.insert(key.to_string(), (d, std::time::Instant::now()));
+            }
+            None => {
+                confirmed.remove(key);
+            }
+        }
+    }
+
     pub fn new(max_concurrency: usize) -> HookState {
         HookState {
             running: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(HashMap::new()),
             limit: Some(Arc::new(tokio::sync::Semaphore::new(
                 max_concurrency.max(1),
             ))),
@@ -220,7 +254,7 @@ pub async fn handle(
         registry: s.config.hooks.registries.get(source.as_str()).cloned(),
         subdomain: source == "artifactory" && s.config.hooks.artifactory_subdomain,
     };
-    let pushes = match parse::parse(&source, &body, &ctx) {
+    let mut pushes = match parse::parse(&source, &body, &ctx) {
         Ok(p) => {
             for why in &p.skipped {
                 tracing::warn!(source = %source, reason = %why, "hook event skipped; the others are handled");
@@ -233,6 +267,7 @@ pub async fn handle(
                 .into_response();
         }
     };
+    pushes.retain(|p| !s.hooks.already_confirmed(&hint_key(p), p.digest.as_deref()));
     // Durable before the answer: a crash after the 2xx leaves the hints for the next start.
     // A store that cannot take them answers 503, so the sender delivers again.
     if !pushes.is_empty() {
@@ -255,6 +290,10 @@ pub async fn handle(
         axum::Json(serde_json::json!({"accepted": true})),
     )
         .into_response()
+}
+
+fn hint_key(p: &Push) -> String {
+    format!("{}/{}:{}", p.registry, p.repository, p.tag)
 }
 
 fn hint_of(p: &Push) -> Hint {
@@ -294,19 +333,41 @@ pub async fn resume_hints(s: &AppState) {
     }
 }
 
+/// One more re-check asked for while one ran: for the digest the latest notification named,
+/// or (None) for whatever the registry has now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rerun(Option<String>);
+
+impl Rerun {
+    /// Whether the run that just found `seen` already answered this one.
+    fn answered_by(&self, seen: Option<&str>) -> bool {
+        self.0.is_some() && self.0.as_deref() == seen
+    }
+}
+
+/// Another push of the same tag while a re-check runs or waits: the later notification's
+/// digest is what the registry should show; one without a digest asks for a plain check.
+fn merge_rerun(pending: Option<Rerun>, digest: Option<&str>) -> Rerun {
+    match (pending, digest) {
+        (Some(Rerun(None)), _) | (_, None) => Rerun(None),
+        (_, Some(d)) => Rerun(Some(d.to_string())),
+    }
+}
+
 /// Runs the re-check of one pushed tag in the background, coalesced: while one runs for the
-/// tag, further notifications only ask for one more run after it. The hint is dropped when
-/// no run is left.
+/// tag, further notifications only ask for one more run after it, and not even that when
+/// they named the digest the run found (a burst of identical notifications costs one check).
+/// The hint is dropped when no run is left.
 fn start_recheck(s: &AppState, p: Push) {
-    let key = format!("{}/{}:{}", p.registry, p.repository, p.tag);
+    let key = hint_key(&p);
     let hooks = s.hooks.clone();
     {
         let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(again) = running.get_mut(&key) {
-            *again = true;
+            *again = Some(merge_rerun(again.take(), p.digest.as_deref()));
             return;
         }
-        running.insert(key.clone(), false);
+        running.insert(key.clone(), None);
     }
     let state = s.clone();
     s.tasks.spawn(async move {
@@ -314,23 +375,34 @@ fn start_recheck(s: &AppState, p: Push) {
             Some(l) => l.clone().acquire_owned().await.ok(),
             None => None,
         };
+        let mut p = p;
+        let mut runs = 0u32;
         loop {
-            recheck(&state, &p).await;
+            let seen = recheck(&state, &p).await;
+            runs += 1;
+            hooks.confirm(&key, seen.clone());
             let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
-            if running.get(&key) == Some(&true) {
-                running.insert(key.clone(), false);
-                continue;
+            match running.get_mut(&key).and_then(Option::take) {
+                Some(again) if !again.answered_by(seen.as_deref()) => {
+                    p.digest = again.0;
+                    continue;
+                }
+                _ => {
+                    running.remove(&key);
+                    break;
+                }
             }
-            running.remove(&key);
-            break;
         }
+        tracing::debug!(hint = %key, runs, "push re-checks done");
         if let Err(e) = state.engine.store.drop_hint(&key).await {
             tracing::warn!(hint = %key, error = %e, "cannot drop a re-checked push hint; it is re-checked again at the next start");
         }
     });
 }
 
-async fn recheck(s: &AppState, p: &Push) {
+/// Re-checks one pushed tag; returns the digest the registry showed when every stream tag
+/// that follows it saw the same one.
+async fn recheck(s: &AppState, p: &Push) -> Option<String> {
     let internal = s.config.registry(&p.registry).is_some_and(|r| r.internal);
     let create_in = if internal {
         internal_target(&p.repository, &p.tag)
@@ -350,7 +422,7 @@ async fn recheck(s: &AppState, p: &Push) {
         {
             Ok(tags) if tags.is_empty() => {
                 tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, "push for an untracked repository ignored");
-                return;
+                return None;
             }
             Ok(tags) => {
                 // Not linked yet (NotFound), or not yet the notified digest: look again.
@@ -365,6 +437,12 @@ async fn recheck(s: &AppState, p: &Push) {
                     delay *= 2;
                     continue;
                 }
+                let first = tags
+                    .first()
+                    .and_then(|(_, d)| d.as_ref().map(|d| d.to_string()));
+                let agreed = tags
+                    .iter()
+                    .all(|(_, d)| d.as_ref().map(|d| d.to_string()) == first);
                 for (t, seen) in tags {
                     match seen {
                         Some(d) => {
@@ -376,14 +454,15 @@ async fn recheck(s: &AppState, p: &Push) {
                         }
                     }
                 }
-                return;
+                return if agreed { first } else { None };
             }
             Err(e) => {
                 tracing::warn!(registry = %p.registry, repository = %p.repository, tag = %p.tag, error = %e, "push re-check failed");
-                return;
+                return None;
             }
         }
     }
+    None
 }
 
 /// Where a push to an internal registry lands: `ns/name:tag` for `ns/.../name`, else
@@ -400,6 +479,23 @@ pub fn internal_target(repository: &str, tag: &str) -> Option<StreamTagRef> {
 
 #[cfg(test)]
 mod tests {
+    use super::{Rerun, merge_rerun};
+
+    #[test]
+    fn a_rerun_is_skipped_only_when_the_run_found_the_notified_digest() {
+        let r = merge_rerun(None, Some("sha256:a"));
+        assert!(r.answered_by(Some("sha256:a")));
+        assert!(!r.answered_by(Some("sha256:b")));
+        assert!(!r.answered_by(None));
+        // A later notification names another digest: that one must be seen.
+        let r = merge_rerun(Some(r), Some("sha256:b"));
+        assert_eq!(r, Rerun(Some("sha256:b".into())));
+        // A notification without a digest asks for a check whatever was found.
+        let r = merge_rerun(Some(r), None);
+        assert!(!r.answered_by(Some("sha256:b")));
+        assert_eq!(merge_rerun(Some(r), Some("sha256:c")), Rerun(None));
+    }
+
     #[test]
     fn internal_targets() {
         assert_eq!(

@@ -413,3 +413,59 @@ async fn a_recorded_hint_survives_a_crash() {
     assert_eq!(t["history"][0]["cause"], "push");
     assert!(e.log.find("re-checking push hints").is_some());
 }
+
+/// A burst of identical notifications for one pushed tag (a registry retrying, several
+/// endpoints, replays): one re-check, one change, one delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_identical_notifications_costs_one_check() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    push.image("team/burst", "latest", "1").await;
+    let rx = Receiver::start().await;
+    let e = Engine::start_env(
+        &format!(
+            "[hooks]\ntoken_env = \"T_HOOKS\"\n\n[[registry]]\nhost = \"{}\"\nfetch_details = false\n\n[[trigger]]\nname = \"b\"\non = [\"burst:latest\"]\nskip_initial = true\nwebhook = {{ url = \"{}/b\" }}\n",
+            reg.host, rx.url
+        ),
+        &[("T_HOOKS", TOKEN)],
+    );
+    e.import_new("burst", &format!("{}/team/burst", reg.host));
+    let d2 = push.image("team/burst", "latest", "2").await;
+    let body = serde_json::json!({"events": [{"action": "push", "target": {
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "repository": "team/burst", "tag": "latest", "digest": d2,
+        "url": format!("http://{}/v2/team/burst/manifests/{d2}", reg.host)}}]})
+    .to_string();
+    let before = reg.manifest_requests();
+    let url = format!("{}/hooks/registry", e.url);
+    let posts: Vec<_> = (0..50)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move { post(&url, Some(TOKEN), &body).await })
+        })
+        .collect();
+    for p in posts {
+        assert_eq!(p.await.unwrap(), 200);
+    }
+    let line = wait_for("the coalesced re-checks to end", || async {
+        e.log.find("push re-checks done")
+    })
+    .await;
+    assert!(line.contains("runs=1"), "{line}");
+    assert_eq!(e.istag("burst").unwrap()["digest"], d2.as_str());
+    // The registry's log is read as it comes: wait for the check's line, then count.
+    wait_for("the re-check in the registry's log", || async {
+        (reg.manifest_requests() > before).then_some(())
+    })
+    .await;
+    assert_eq!(reg.manifest_requests() - before, 1);
+    rx.wait_requests(1).await;
+    assert_eq!(
+        e.istag("burst").unwrap()["history"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(rx.count("/b"), 1);
+}
