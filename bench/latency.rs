@@ -7,7 +7,11 @@
 //! 2. triggers: tag change → webhook request received (p50/p99), and deliveries per second with
 //!    the durable bookkeeping on, next to a plain HTTP POST loop to the same receiver;
 //! 3. push: manifest PUT at the registry → trigger request received, with the registry's own
-//!    notification delay measured alone.
+//!    notification delay for the same push; for manifest-only pushes to a tracked tag, and for
+//!    real pushes (fresh blobs + manifest) to an `internal` registry that notifies of blob
+//!    uploads and pulls too;
+//! 4. burst: 100 identical notifications at once while the registry is slow: hook answer
+//!    times and the registry requests the burst caused.
 // Test and benchmark code: a failed unwrap is a failed run, which is what it should be.
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
@@ -15,7 +19,6 @@
 #[allow(unused_imports)]
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -33,9 +36,10 @@ fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
 
 fn report(name: &str, v: &[Duration]) {
     println!(
-        "{name:<58} p50 {:>7.2} ms   p99 {:>7.2} ms   (n={})",
+        "{name:<58} p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms   (n={})",
         pct(v.to_vec(), 0.5),
         pct(v.to_vec(), 0.99),
+        pct(v.to_vec(), 1.0),
         v.len()
     );
 }
@@ -270,8 +274,30 @@ async fn api_tag(e: &Engine, src: &str, dest: &str) {
     .await
 }
 
-async fn push() {
-    println!("== push: manifest PUT at the registry -> trigger request received");
+/// 200 pushes, each timed from its manifest PUT (the push's last request) to the trigger's
+/// request at the receiver, next to the registry's own PUT → webhook delay for the same push.
+/// `internal`: pushes to an `internal` registry that notifies of everything (blob uploads and
+/// pulls too, distribution's default) and uploads fresh blobs per push, as `docker push`
+/// does; else a tracked tag on a registry notifying of manifests only, blobs uploaded ahead.
+async fn push(internal: bool, everything: bool, details: bool) {
+    println!(
+        "== push: 2 blob uploads + manifest PUT per push; {}; registry notifying of {}{}",
+        if internal {
+            "internal registry (stream tag created by the first push)"
+        } else {
+            "tracked tag"
+        },
+        if everything {
+            "every event (blob uploads and pulls too, distribution's default)"
+        } else {
+            "manifest pushes only"
+        },
+        if details {
+            ""
+        } else {
+            "; fetch_details = false"
+        }
+    );
     let rx = Receiver::start().await;
     let notified = Receiver::start().await;
     let port = free_port();
@@ -281,44 +307,80 @@ async fn push() {
             "bench-token".into(),
         )),
         second_notify: Some(format!("{}/notified", notified.url)),
+        notify_everything: everything,
         ..Default::default()
     });
+    let (repo, watched) = if internal {
+        ("bench/real", "bench/real:latest")
+    } else {
+        ("bench/push", "app:latest")
+    };
     let e = Engine::start_on(
         port,
         // The registry is our own: lift the default politeness budget (20 requests/s) that
         // would otherwise pace 200 pushes in a row.
         &format!(
-            "[hooks]\ntoken_env = \"T_HOOK\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\n\n[[trigger]]\nname = \"push\"\non = [\"app:latest\"]\nwebhook = {{ url = \"{}/push\" }}\n",
+            "[hooks]\ntoken_env = \"T_HOOK\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\ninternal = {internal}\nfetch_details = {details}\n\n[[trigger]]\nname = \"push\"\non = [\"{watched}\"]\nwebhook = {{ url = \"{}/push\" }}\n",
             reg.host, rx.url
         ),
         &[("T_HOOK", "bench-token")],
     );
     let pusher = Pusher::new(&reg.host);
-    pusher.image("bench/push", "latest", "0").await;
-    let o = e.cli(&["tag", &format!("{}/bench/push", reg.host), "app:latest"]);
-    assert!(o.status.success());
-    // pre-upload blobs so each measured push is one manifest PUT
-    let (mut total, mut notify) = (Vec::new(), Vec::new());
-    let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    for i in 1..=200 {
-        let manifest = pusher.prepare("bench/push", &i.to_string()).await;
+    pusher.image(repo, "latest", "0").await;
+    if internal {
+        // The first push creates the stream tag (and fires the trigger once).
+        let r0 = rx.len();
+        let deadline = Instant::now() + DEADLINE;
+        while rx.len() == r0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first push never reached the receiver"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    } else {
+        let o = e.cli(&["tag", &format!("{}/{repo}", reg.host), watched]);
+        assert!(o.status.success());
+    }
+    let (mut total, mut notify, mut whole, mut put) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let trace = std::env::var("ISTREAM_BENCH_TRACE").is_ok();
+    let pushes: usize = std::env::var("ISTREAM_BENCH_PUSHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    for i in 1..=pushes {
         let (n_before, r_before) = (notified.len(), rx.len());
+        // Blob uploads first, as a client pushes (the manifest-only registry is not told of
+        // them), then the manifest PUT that moves the tag.
+        let started = Instant::now();
+        let manifest = pusher.prepare(repo, &i.to_string()).await;
         let t0 = Instant::now();
+        let wall = chrono::Utc::now();
         pusher
             .manifest(
-                "bench/push",
+                repo,
                 "latest",
                 "application/vnd.docker.distribution.manifest.v2+json",
                 &manifest,
             )
             .await;
+        put.push(t0.elapsed());
+        let digest = sha256(&manifest);
+        if trace && i + 3 > pushes {
+            println!(
+                "    | push {i}: manifest PUT started {wall:?}, answered after {:?}",
+                t0.elapsed()
+            );
+        }
         let mut got_notify = None;
         loop {
-            if got_notify.is_none() && notified.len() > n_before {
+            if got_notify.is_none() && notified.any_since(n_before, digest.as_bytes()) {
                 got_notify = Some(t0.elapsed());
             }
             if rx.len() > r_before {
                 total.push(t0.elapsed());
+                whole.push(started.elapsed());
                 break;
             }
             if t0.elapsed() > DEADLINE {
@@ -327,19 +389,158 @@ async fn push() {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         while got_notify.is_none() {
-            if notified.len() > n_before {
+            if notified.any_since(n_before, digest.as_bytes()) {
                 got_notify = Some(t0.elapsed());
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         notify.extend(got_notify);
-        times.lock().unwrap().push(t0);
     }
     report(
-        "registry's own notification delay (PUT -> webhook)",
+        "registry's own notification delay (manifest PUT -> webhook with its digest)",
         &notify,
     );
-    report("push -> trigger request received (end to end)", &total);
+    report("manifest PUT answered (the registry's own PUT time)", &put);
+    report("manifest PUT -> trigger request received", &total);
+    report(
+        "first blob upload -> trigger request received (whole push)",
+        &whole,
+    );
+    let log = e.log.text();
+    if trace {
+        let lines: Vec<&str> = log.lines().collect();
+        for l in &lines[lines.len().saturating_sub(18)..] {
+            println!("    | {}", &l[..l.len().min(220)]);
+        }
+        let reg_log = reg.log.text();
+        let lines: Vec<&str> = reg_log
+            .lines()
+            .filter(|l| l.contains("response completed"))
+            .collect();
+        for l in &lines[lines.len().saturating_sub(14)..] {
+            let field = |k: &str| {
+                l.split(k)
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            println!(
+                "    R {} {} {} {} took {}",
+                field("time=\""),
+                field("http.request.method="),
+                field("http.request.uri="),
+                field("http.request.useragent="),
+                field("http.response.duration=")
+            );
+        }
+    }
+    let failed = log.matches("import.failed").count() + log.matches("ImportSuccess=False").count();
+    println!(
+        "  failed imports logged: {failed}; re-checks that had to look again: {}",
+        log.matches("looking again").count()
+    );
+}
+
+/// A TCP forwarder that holds each chunk from the client for `delay`: a slow registry.
+async fn slow_forwarder(upstream: String, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                up.abort();
+            });
+        }
+    });
+    addr
+}
+
+/// 100 notifications for one pushed tag at once while the registry answers slowly (300 ms):
+/// how fast the hooks answer, and how many registry requests the burst costs.
+async fn burst() {
+    println!("== burst: 100 identical notifications for one tag, registry answering in ~300 ms");
+    let reg = Registry::start();
+    let slow = slow_forwarder(reg.host.clone(), Duration::from_millis(300)).await;
+    let rx = Receiver::start().await;
+    let e = Engine::start_env(
+        &format!(
+            "[hooks]\ntoken_env = \"T_HOOK\"\n\n[[registry]]\nhost = \"{slow}\"\nmax_requests_per_second = 0\nfetch_details = false\n\n[[trigger]]\nname = \"b\"\non = [\"burst:latest\"]\nskip_initial = true\nwebhook = {{ url = \"{}/b\" }}\n",
+            rx.url
+        ),
+        &[("T_HOOK", "bench-token")],
+    );
+    let pusher = Pusher::new(&reg.host);
+    pusher.image("bench/burst", "latest", "1").await;
+    let o = e.cli(&["tag", &format!("{slow}/bench/burst"), "burst:latest"]);
+    assert!(o.status.success());
+    let d2 = pusher.image("bench/burst", "latest", "2").await;
+    let body = serde_json::json!({"events": [{"action": "push", "target": {
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "repository": "bench/burst", "tag": "latest", "digest": d2,
+        "url": format!("http://{slow}/v2/bench/burst/manifests/{d2}")}}]})
+    .to_string();
+    let before = reg.manifest_requests();
+    let http = reqwest::Client::new();
+    let url = format!("{}/hooks/registry", e.url);
+    let posts: Vec<_> = (0..100)
+        .map(|_| {
+            let (http, url, body) = (http.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                let r = http
+                    .post(url)
+                    .bearer_auth("bench-token")
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                t0.elapsed()
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for p in posts {
+        answers.push(p.await.unwrap());
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while e.log.find("push re-checks done").is_none() || rx.len() == 0 {
+        assert!(Instant::now() < deadline, "the burst never moved the tag");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while reg.manifest_requests() == before {
+        assert!(Instant::now() < deadline, "no check in the registry's log");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    report("hook answer time (100 at once)", &answers);
+    println!(
+        "  registry manifest requests caused: {}; trigger requests: {}; {}",
+        reg.manifest_requests() - before,
+        rx.len(),
+        e.log.find("push re-checks done").unwrap_or_default().trim()
+    );
 }
 
 fn main() {
@@ -368,9 +569,32 @@ fn main() {
                 .map(|n| n.get())
                 .unwrap_or(0)
         );
+        // `cargo bench --bench latency -- push burst` runs only those parts.
+        let parts = ["events", "triggers", "push", "burst"];
+        let asked: Vec<String> = std::env::args()
+            .filter(|a| parts.contains(&a.as_str()))
+            .collect();
+        let run = |p: &str| asked.is_empty() || asked.iter().any(|a| a == p);
         let reg = Registry::start();
-        events(&reg).await;
-        triggers(&reg).await;
-        push().await;
+        if run("events") {
+            events(&reg).await;
+        }
+        if run("triggers") {
+            triggers(&reg).await;
+        }
+        if run("push") {
+            for (internal, everything, details) in [
+                (false, false, true),
+                (false, true, true),
+                (true, false, true),
+                (true, true, true),
+                (true, true, false),
+            ] {
+                push(internal, everything, details).await;
+            }
+        }
+        if run("burst") {
+            burst().await;
+        }
     });
 }

@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod registry;
+pub mod retry;
 mod robustness;
 pub mod scheduler;
 pub mod serve;

@@ -114,12 +114,10 @@ pub fn jitter_fraction(key: &str) -> f64 {
     (h.finish() % 1_000_000) as f64 / 1_000_000.0
 }
 
-/// Delay before the next check after `failures` consecutive failures: 2s doubling, with
-/// ±20% jitter, never more than the period.
+/// Delay before the next check after `failures` consecutive failures: the engine's retry
+/// policy from 2 s, never more than the period.
 pub fn failure_backoff(failures: u32, period: Duration) -> Duration {
-    let base = Duration::from_secs(2).saturating_mul(1u32 << failures.min(20).saturating_sub(1));
-    let jittered = base.mul_f64(0.8 + fastrand::f64() * 0.4);
-    jittered.min(period)
+    crate::retry::Backoff::new(Duration::from_secs(2), period).delay(failures)
 }
 
 struct Entry {
@@ -510,6 +508,7 @@ mod tests {
         let b3 = failure_backoff(3, p);
         assert!(b1 >= Duration::from_millis(1600) && b1 <= Duration::from_millis(2400));
         assert!(b3 >= Duration::from_millis(6400) && b3 <= Duration::from_millis(9600));
-        assert_eq!(failure_backoff(30, p), p);
+        assert!(failure_backoff(30, p) <= p);
+        assert!(failure_backoff(30, p) >= p.mul_f64(0.8));
     }
 }

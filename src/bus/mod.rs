@@ -183,7 +183,11 @@ pub async fn run_publisher(
     wake: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut retry = crate::retry::Retry::new(crate::retry::Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+    ));
+    let mut backoff = Duration::ZERO;
     let mut stream_ready = matches!(&*bus, Bus::Nats(n) if n.js.is_none());
     loop {
         let batch = match store.pending_events(256).await {
@@ -213,6 +217,7 @@ pub async fn run_publisher(
                     published.push(*seq);
                 }
                 Err(err) => {
+                    backoff = retry.failed(None);
                     tracing::warn!(error = %err, retry_in = ?backoff, "event not published yet; it stays in the outbox");
                     failed = true;
                     if let Bus::Nats(n) = &*bus
@@ -237,10 +242,9 @@ pub async fn run_publisher(
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
             continue;
         }
-        backoff = Duration::from_millis(100);
+        retry.succeeded();
         if batch.len() == 256 {
             continue;
         }

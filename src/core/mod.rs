@@ -780,6 +780,7 @@ impl Engine {
                 return None;
             }
         };
+        tracing::debug!(tag = %tag, digest = res.digest.as_str(), "image details fetched");
         if let Some(prev) = previous.as_ref().and_then(|p| p.details.as_ref()) {
             d.compare_layers(&prev.layers);
         }

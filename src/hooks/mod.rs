@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use crate::api::{ApiError, AppState};
 use crate::config::Secret;
 use crate::model::{StreamName, StreamTagRef};
-use crate::store::Hint;
+use crate::store::{Hint, Store, StoreError};
 pub use parse::Push;
 
 /// The payload parsers, for the robustness tests and the fuzz targets.
@@ -111,7 +111,15 @@ pub struct HookState {
     /// no registry request.
     confirmed: Mutex<HashMap<String, (String, std::time::Instant)>>,
     limit: Option<Arc<tokio::sync::Semaphore>>,
+    /// Group commit of push hints: notifications that arrive together are recorded in one
+    /// store transaction, so a burst does not queue behind a write per request.
+    writer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HintBatch>>,
 }
+
+type HintBatch = (
+    Vec<Hint>,
+    tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+);
 
 /// How long a re-check's answer stands for notifications that name the same digest.
 const CONFIRMED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
@@ -119,6 +127,42 @@ const CONFIRMED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 const CONFIRMED_MAX: usize = 10_000;
 
 impl HookState {
+    /// Records `hints` durably, together with those of concurrent notifications.
+    async fn record(&self, store: &Store, hints: Vec<Hint>) -> Result<(), StoreError> {
+        let writer = self.writer.get_or_init(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<HintBatch>();
+            let store = store.clone();
+            // Not in the task tracker on purpose: it ends when the hook state goes, and the
+            // requests waiting on it are tracked (they hold their answer until it has written).
+            tokio::spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    let mut batch = vec![first];
+                    while batch.len() < 256
+                        && let Ok(more) = rx.try_recv()
+                    {
+                        batch.push(more);
+                    }
+                    // One row per key: the latest notification's digest.
+                    let mut by_key: std::collections::BTreeMap<String, Hint> = Default::default();
+                    for h in batch.iter().flat_map(|(h, _)| h.iter()) {
+                        by_key.insert(h.key(), h.clone());
+                    }
+                    let result = store.record_hints(by_key.into_values().collect()).await;
+                    for (_, done) in batch {
+                        let _ = done.send(result.clone());
+                    }
+                }
+            });
+            tx
+        });
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if writer.send((hints, done)).is_err() {
+            return Err(StoreError::Backend("the hint writer stopped".into()));
+        }
+        wait.await
+            .unwrap_or_else(|_| Err(StoreError::Backend("the hint writer stopped".into())))
+    }
+
     fn already_confirmed(&self, key: &str, digest: Option<&str>) -> bool {
         let Some(d) = digest else { return false };
         let confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,6 +190,7 @@ impl HookState {
         HookState {
             running: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashMap::new()),
+            writer: std::sync::OnceLock::new(),
             limit: Some(Arc::new(tokio::sync::Semaphore::new(
                 max_concurrency.max(1),
             ))),
@@ -272,7 +317,7 @@ pub async fn handle(
     // A store that cannot take them answers 503, so the sender delivers again.
     if !pushes.is_empty() {
         let hints = pushes.iter().map(hint_of).collect();
-        if let Err(e) = s.engine.store.record_hints(hints).await {
+        if let Err(e) = s.hooks.record(&s.engine.store, hints).await {
             tracing::error!(source = %source, error = %e, "cannot record push hints");
             return ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -282,6 +327,7 @@ pub async fn handle(
         }
     }
     crate::metrics::hook(&source, "accepted");
+    tracing::debug!(source = %source, pushes = pushes.len(), "hook accepted");
     for p in pushes {
         start_recheck(&s, p);
     }
@@ -413,7 +459,10 @@ async fn recheck(s: &AppState, p: &Push) -> Option<String> {
     // the event leaves inside the manifest PUT). When the notification names a digest and the
     // registry still answers another one, look again shortly — but record only what the
     // registry says.
-    let mut delay = std::time::Duration::from_millis(2);
+    let look_again = crate::retry::Backoff::new(
+        std::time::Duration::from_millis(2),
+        std::time::Duration::from_secs(2),
+    );
     for attempt in 0..10 {
         match s
             .engine
@@ -433,8 +482,8 @@ async fn recheck(s: &AppState, p: &Push) -> Option<String> {
                             .any(|(_, seen)| seen.as_ref().is_none_or(|d| d.as_str() != want))
                     });
                 if stale && attempt < 9 {
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, attempt, "the registry does not show the notified image yet; looking again");
+                    tokio::time::sleep(look_again.delay(attempt + 1)).await;
                     continue;
                 }
                 let first = tags

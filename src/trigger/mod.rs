@@ -349,7 +349,7 @@ impl Triggers {
             }
             Err(e) => {
                 let retry = e.retryable() && attempts < cfg.max_attempts;
-                let delay = e.retry_after().unwrap_or_else(|| self.backoff(attempts));
+                let delay = self.backoff().delay_or(attempts, e.retry_after());
                 let too_old = age + delay > cfg.max_age;
                 if retry && !too_old {
                     crate::metrics::delivery(&cfg.name, "retry", secs);
@@ -382,14 +382,9 @@ impl Triggers {
         }
     }
 
-    /// Exponential backoff from `initial_backoff`, doubling, capped, with ±20% jitter.
-    fn backoff(&self, attempts: u32) -> Duration {
-        let base = self
-            .delivery
-            .initial_backoff
-            .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
-        base.min(self.delivery.max_backoff)
-            .mul_f64(0.8 + fastrand::f64() * 0.4)
+    /// `[delivery] initial_backoff` doubling up to `max_backoff`, the engine's retry policy.
+    fn backoff(&self) -> crate::retry::Backoff {
+        crate::retry::Backoff::new(self.delivery.initial_backoff, self.delivery.max_backoff)
     }
 
     pub async fn views(&self, name: Option<&str>) -> Result<Vec<TriggerView>, StoreError> {

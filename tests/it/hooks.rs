@@ -370,8 +370,12 @@ async fn internal_registry_creates_nothing_for_a_missing_image() {
     );
     wait_for("the re-checks to give up", || async {
         e.log
-            .find("nobody/here")
-            .filter(|l| l.contains("not found") || l.contains("gave up"))
+            .text()
+            .lines()
+            .find(|l| {
+                l.contains("nobody/here") && (l.contains("not found") || l.contains("gave up"))
+            })
+            .map(str::to_string)
     })
     .await;
     // `nobody/here` would land in namespace `nobody`, stream `here`.

@@ -102,6 +102,8 @@ pub struct RegistryOptions {
     pub access_log: bool,
     /// A second notification endpoint without auth (to time the registry's own delay).
     pub second_notify: Option<String>,
+    /// Notify of everything, as distribution's default does: blob uploads and pulls too.
+    pub notify_everything: bool,
 }
 
 impl Registry {
@@ -125,12 +127,17 @@ impl Registry {
             );
         }
         if let Some((url, token)) = &o.notify {
+            let filter = if o.notify_everything {
+                ""
+            } else {
+                "      ignoredmediatypes:\n        - application/octet-stream\n      ignore:\n        actions:\n          - pull\n"
+            };
             cfg += &format!(
-                "notifications:\n  endpoints:\n    - name: istream\n      url: {url}\n      headers:\n        Authorization: [\"Bearer {token}\"]\n      timeout: 2s\n      threshold: 5\n      backoff: 200ms\n      ignoredmediatypes:\n        - application/octet-stream\n      ignore:\n        actions:\n          - pull\n"
+                "notifications:\n  endpoints:\n    - name: istream\n      url: {url}\n      headers:\n        Authorization: [\"Bearer {token}\"]\n      timeout: 2s\n      threshold: 5\n      backoff: 200ms\n{filter}"
             );
             if let Some(url2) = &o.second_notify {
                 cfg += &format!(
-                    "    - name: timer\n      url: {url2}\n      timeout: 2s\n      threshold: 5\n      backoff: 200ms\n      ignoredmediatypes:\n        - application/octet-stream\n      ignore:\n        actions:\n          - pull\n"
+                    "    - name: timer\n      url: {url2}\n      timeout: 2s\n      threshold: 5\n      backoff: 200ms\n{filter}"
                 );
             }
         }

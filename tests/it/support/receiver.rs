@@ -128,6 +128,17 @@ impl Receiver {
             .count()
     }
 
+    /// Whether a request from the `from`-th on has `needle` in its body.
+    pub fn any_since(&self, from: usize, needle: &[u8]) -> bool {
+        self.inner
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .skip(from)
+            .any(|r| r.body.windows(needle.len()).any(|w| w == needle))
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.seen.lock().unwrap().clone()
     }
