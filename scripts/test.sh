@@ -30,6 +30,13 @@ export ISTREAM_TEST_NATS="$PWD/.venv/bin/nats-server"
 export ISTREAM_TEST_PYTHON="$PWD/.venv/bin/python"
 export ISTREAM_TEST_OLD_NATS=/usr/sbin/nats-server
 
+# Licenses, bans and sources of every dependency (deny.toml says what and why).
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  echo "installing cargo-deny (crates.io; a one-time build of a few minutes)"
+  cargo install -q --locked cargo-deny --version 0.20.2
+fi
+cargo deny check licenses bans sources
+
 # Examples and benchmarks must build (benchmarks run with `cargo bench`, not here).
 cargo build --examples --benches
 cargo test --lib --bins --tests -- --test-threads="${TEST_THREADS:-4}"

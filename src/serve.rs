@@ -188,6 +188,10 @@ async fn open_shared(
         .await;
         match opened {
             Ok(v) => return Ok(v),
+            // Unreadable or newer data does not get better by waiting.
+            Err(e @ crate::store::StoreError::Corrupt(_)) => {
+                anyhow::bail!("{}: [store] kind = \"nats\": {e}", config.path.display())
+            }
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "cannot open the JetStream store yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -7,6 +7,8 @@
 //!   change, and a change and its events are one write: the outbox cannot lose an event
 //!   between the commit and the publication. A deleted stream leaves a tombstone holding the
 //!   `tag.deleted` events until they are published.
+//! - `<S>_META` (key-value): `schema`, the layout version; read first at every start, so a
+//!   newer release's buckets are refused untouched.
 //! - `<S>_TRIGGERS` (key-value): per trigger and tag, the digest last fired for (CAS).
 //! - `<S>_DELIVERIES` (key-value): one record per delivery (state, attempts, last error), for
 //!   `istream triggers` and to skip work that is already finished.
@@ -125,6 +127,61 @@ pub struct NatsStore {
     local: Mutex<VecDeque<(String, u64)>>,
 }
 
+/// The layout of the buckets this release reads and writes. 0.1.0 wrote the same layout
+/// without a marker, so a store without one is schema 1.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// `<S>_META` holds `schema`: refuses a store written by a newer release (changing nothing),
+/// and marks an unmarked one with this release's schema.
+async fn check_schema(js: &jetstream::Context, cfg: &NatsConfig) -> Result<(), StoreError> {
+    let name = format!("{}_META", cfg.stream);
+    let meta = match js.get_key_value(&name).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: name.clone(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| backend(&format!("bucket {name}"), e))?,
+    };
+    let found = meta
+        .get("schema")
+        .await
+        .map_err(|e| backend(&format!("bucket {name}"), e))?;
+    match found {
+        Some(v) => {
+            let text = String::from_utf8_lossy(&v).to_string();
+            let found: u32 = text.trim().parse().map_err(|_| {
+                corrupt(
+                    &format!("bucket {name}, key schema"),
+                    format!("\"{text}\" is not a schema number"),
+                )
+            })?;
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::Corrupt(format!(
+                    "NATS JetStream bucket {name} says the store was written by a newer istream (store schema {found}); this release ({}) reads schema {SCHEMA_VERSION} and older; nothing was changed",
+                    env!("CARGO_PKG_VERSION")
+                )));
+            }
+        }
+        None => {
+            meta.create("schema", SCHEMA_VERSION.to_string().into())
+                .await
+                .map(|_| ())
+                .or_else(|e| match e.kind() {
+                    // Another replica marked it first.
+                    kv::CreateErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(backend(&format!("bucket {name}"), e)),
+                })?;
+        }
+    }
+    Ok(())
+}
+
 fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("NATS JetStream {what}: {e}"))
 }
@@ -176,6 +233,9 @@ impl NatsStore {
         ack_wait: Duration,
     ) -> Result<NatsStore, StoreError> {
         let js = jetstream::new(client);
+        // Read before anything is created or reconfigured: a newer release's buckets are left
+        // exactly as they are.
+        check_schema(&js, cfg).await?;
         let bucket = |suffix: &str, max_age: Duration| kv::Config {
             bucket: format!("{}_{suffix}", cfg.stream),
             history: 1,

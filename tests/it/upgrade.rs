@@ -2,7 +2,10 @@
 //! document per stream, kept in tests/fixtures/store-v1/) opens in this release, is converted in
 //! place at start, and shows the same streams, tags, histories, conditions, trigger state,
 //! deliveries and unpublished events; a crash halfway through the upgrade leaves a store the
-//! next start upgrades; a store from a newer release is refused and left untouched.
+//! next start upgrades; a store from a newer release is refused and left untouched. The same for
+//! the JetStream store: buckets written by 0.1.0 (tests/fixtures/store-v1-nats/, nats-server's
+//! `-sd` directory) open with the same content and are marked schema 1 in `<S>_META`; a newer
+//! schema there is refused before any bucket is created or reconfigured.
 
 use std::path::{Path, PathBuf};
 
@@ -127,6 +130,23 @@ fn schema_of(db: &Path) -> (i64, bool) {
 
 /// What the fixture holds, as the CLI and the API show it after the upgrade.
 async fn assert_fixture_content(e: &Engine) {
+    assert_fixture_state(e).await;
+    // The unpublished events (NATS was never reachable) are still waiting in the outbox.
+    wait_for(
+        "the fixture's 7 unpublished events in the outbox",
+        || async {
+            let m = e.get("/metrics").await.text().await.unwrap();
+            m.lines()
+                .find(|l| l.starts_with("istream_outbox_depth"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .filter(|n| *n >= 7.0)
+        },
+    )
+    .await;
+}
+
+/// Streams, tags, histories, conditions and trigger state of either fixture.
+async fn assert_fixture_state(e: &Engine) {
     let app = e.istag("app:latest").unwrap();
     let h = app["history"].as_array().unwrap();
     assert_eq!(h.len(), 2, "{app}");
@@ -176,18 +196,6 @@ async fn assert_fixture_content(e: &Engine) {
         "trigger state kept: {ok}"
     );
     assert_eq!(waiting["last_fired"].as_object().unwrap().len(), 2);
-    // The unpublished events (NATS was never reachable) are still waiting in the outbox.
-    wait_for(
-        "the fixture's 7 unpublished events in the outbox",
-        || async {
-            let m = e.get("/metrics").await.text().await.unwrap();
-            m.lines()
-                .find(|l| l.starts_with("istream_outbox_depth"))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .filter(|n| *n >= 7.0)
-        },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,4 +311,144 @@ async fn history_retention_keeps_the_newest_entries() {
     // the dropped image can no longer be rolled back to
     let o = e.cli(&["tag", &format!("kept@{}", digests[0]), "kept:old"]);
     expect_code(&o, 1);
+}
+
+fn nats_fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1-nats")
+}
+
+fn on_nats(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ISTREAM_STORE__KIND", "nats".to_string()),
+        ("ISTREAM_NATS__URL", url.to_string()),
+    ]
+}
+
+fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Copies a JetStream store directory (what nats-server keeps under `-sd`).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+/// Makes tests/fixtures/store-v1-nats with the previous release's binary, the same content
+/// as the SQLite fixture on the JetStream store:
+/// `ISTREAM_TEST_BIN=<istream 0.1.0> cargo test --test it make_store_v1_nats_fixture -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "makes tests/fixtures/store-v1-nats with the previous release"]
+async fn make_store_v1_nats_fixture() {
+    let mut nats = Nats::start();
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    push.image("team/app", "latest", "1").await;
+    push.image("team/lib", "1", "1").await;
+    let gone = Receiver::start().await;
+    gone.script(&[(404, &[]), (404, &[]), (404, &[])]);
+    let ok = Receiver::start().await;
+    let env = on_nats(&nats.url);
+    let mut e = Engine::start_env(&fixture_triggers(&gone.url, &ok.url), &env_refs(&env));
+    let h = &reg.host;
+    e.import_new("app", &format!("{h}/team/app"));
+    e.import_new("lib:1", &format!("{h}/team/lib:1"));
+    ok.wait_requests(1).await;
+    gone.wait_requests(1).await;
+    push.image("team/app", "latest", "2").await;
+    expect_code(&e.cli(&["import-image", "app"]), 0);
+    ok.wait_requests(2).await;
+    expect_code(&e.cli(&["tag", "--alias", "app:latest", "app:stable"]), 0);
+    expect_code(&e.cli(&["tag", "app:latest", "lib:copy"]), 0);
+    expect_code(
+        &e.cli(&["tag", &format!("{h}/team/missing:1"), "lib:broken"]),
+        1,
+    );
+    let first = e.istag("app:latest").unwrap()["history"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    expect_code(&e.cli(&["tag", &format!("app@{first}"), "app:pinned"]), 0);
+    gone.wait_requests(2).await;
+    e.stop();
+    // A clean stop of the server, so everything it acknowledged is in its files.
+    let pid = nats.pid();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    nats.wait();
+    let dir = nats_fixture_dir();
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_tree(&nats.dir.path().join("js"), &dir.join("js"));
+}
+
+/// A nats-server whose JetStream directory starts as the fixture's.
+fn nats_with_fixture() -> Nats {
+    let mut nats = Nats::start();
+    nats.stop();
+    let js = nats.dir.path().join("js");
+    let _ = std::fs::remove_dir_all(&js);
+    copy_tree(&nats_fixture_dir().join("js"), &js);
+    nats.restart();
+    nats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_store_of_the_previous_release_opens_with_nothing_lost() {
+    let nats = nats_with_fixture();
+    let gone = Receiver::start().await;
+    gone.script(&[(404, &[])]);
+    let ok = Receiver::start().await;
+    let env = on_nats(&nats.url);
+    let mut e = Engine::start_env(&fixture_triggers(&gone.url, &ok.url), &env_refs(&env));
+    assert_fixture_state(&e).await;
+    // The store is marked with this release's schema now.
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let meta = js.get_key_value("ISTREAM_META").await.unwrap();
+    assert_eq!(meta.get("schema").await.unwrap().unwrap().as_ref(), b"1");
+    e.restart();
+    assert_fixture_state(&e).await;
+    wait_for("the start-up trigger planning", || async {
+        e.log.find("start-up trigger planning done")
+    })
+    .await;
+    assert_eq!(ok.requests().len(), 0, "nothing re-fired after the upgrade");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_store_of_a_newer_release_is_refused_untouched() {
+    let nats = Nats::start();
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let meta = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "ISTREAM_META".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    meta.put("schema", "99".into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = on_nats(&nats.url);
+    let out = serve_until_exit(dir.path(), "", &env_refs(&env));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ISTREAM_META") && err.contains("schema 99") && err.contains("schema 1"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(meta.get("schema").await.unwrap().unwrap().as_ref(), b"99");
+    assert!(
+        js.get_key_value("ISTREAM_STREAMS").await.is_err(),
+        "nothing was created next to a newer store"
+    );
 }

@@ -434,8 +434,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_istream")
+/// The engine under test; `ISTREAM_TEST_BIN` runs another build (an older release, to make
+/// upgrade fixtures with).
+pub fn bin() -> String {
+    std::env::var("ISTREAM_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_istream").to_string())
 }
 
 impl Engine {
@@ -749,6 +751,17 @@ impl Nats {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits for the server to exit (after a signal sent by the caller).
+    pub fn wait(&mut self) {
+        if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
     }
