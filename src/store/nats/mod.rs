@@ -1,0 +1,325 @@
+//! The scale-out store: the same behaviour as the SQLite store, kept in NATS JetStream so that
+//! several replicas share it. No consensus of our own — JetStream's does the work:
+//!
+//! - `<S>_STREAMS` (key-value, history 1): one entry per image stream, `ns/name` → the stream
+//!   document plus its *outbox* (the events of changes not yet published). Writes are
+//!   compare-and-set on the entry's revision, so two replicas never overwrite each other's
+//!   change, and a change and its events are one write: the outbox cannot lose an event
+//!   between the commit and the publication. A deleted stream leaves a tombstone holding the
+//!   `tag.deleted` events until they are published.
+//! - `<S>_META` (key-value): `schema`, the layout version; read first at every start, so a
+//!   newer release's buckets are refused untouched.
+//! - `<S>_TRIGGERS` (key-value): per trigger and tag, the digest last fired for (CAS).
+//! - `<S>_DELIVERIES` (key-value): one record per delivery (state, attempts, last error), for
+//!   `istream triggers` and to skip work that is already finished.
+//! - `<S>_WORK` (work-queue stream) with the durable pull consumer `deliverer`: one message per
+//!   delivery to attempt. Every replica pulls from it, so each delivery is attempted by one
+//!   replica at a time; success acks it, a retry is a NAK with the backoff as delay, a dead
+//!   delivery is terminated, and a replica that dies mid-attempt leaves the message unacked so
+//!   the server hands it to another after the ack wait.
+//!
+//! Firing is "publish, then record": the work message (with `Nats-Msg-Id` = the delivery, so a
+//! racing replica's identical publication is dropped by the server) goes out before the trigger
+//! state moves. A crash in between means the next planning publishes again — at least once.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv};
+use futures_util::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+mod deliveries;
+mod documents;
+mod watch;
+
+use super::{
+    Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError,
+    TriggerSummary,
+};
+use crate::config::NatsConfig;
+use crate::model::{Event, ImageStream};
+
+/// What one `<S>_STREAMS` entry holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// None: a tombstone, kept until its outbox is published.
+    pub doc: Option<ImageStream>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<Event>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FiredState {
+    trigger: String,
+    tag: String,
+    digest: String,
+    /// Key of the delivery queued for it (None under `skip_initial`).
+    delivery: Option<String>,
+    /// When it fired (ms): a pending delivery of the same trigger and tag created before
+    /// this, other than `delivery`, is stale (superseded).
+    #[serde(default)]
+    fired_at: i64,
+}
+
+/// One `<S>_DELIVERIES` record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DeliveryRecord {
+    id: i64,
+    trigger: String,
+    tag: String,
+    digest: String,
+    event: Event,
+    state: DeliveryState,
+    attempts: u32,
+    next_at: i64,
+    created: i64,
+    last_error: Option<String>,
+}
+
+impl DeliveryRecord {
+    fn to_delivery(&self) -> Delivery {
+        Delivery {
+            id: self.id,
+            trigger: self.trigger.clone(),
+            tag: self.tag.clone(),
+            digest: self.digest.clone(),
+            event: self.event.clone(),
+            state: self.state,
+            attempts: self.attempts,
+            next_at: self.next_at,
+            created: self.created,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// The body of a work message: which delivery record to attempt.
+#[derive(Serialize, Deserialize)]
+struct WorkItem {
+    key: String,
+}
+
+pub struct NatsStore {
+    js: jetstream::Context,
+    streams: kv::Store,
+    triggers: kv::Store,
+    deliveries: kv::Store,
+    /// Push hints not yet re-checked (SPEC 9: recorded before the hook answers).
+    hints: kv::Store,
+    work_subject: String,
+    consumer: PullConsumer,
+    /// Outbox of each stream as last read, by revision: a commit carries it forward without
+    /// reading the entry again.
+    outboxes: Mutex<HashMap<String, (u64, Vec<Event>)>>,
+    /// Streams whose outbox this replica publishes.
+    dirty: Mutex<BTreeSet<String>>,
+    /// The entry this replica last wrote for a stream whose outbox is not yet empty, with its
+    /// revision: the publisher takes the events from here and clears them with a
+    /// compare-and-set on that revision, without reading the entry back (it reads only when
+    /// another write came in between).
+    written: Mutex<HashMap<String, (u64, Record)>>,
+    /// `pending_events` sequence → (stream key, event id), until marked published.
+    handed_out: Mutex<HashMap<i64, (String, String)>>,
+    next_seq: AtomicI64,
+    /// Work messages being attempted here, by local attempt number, to ack when the attempt is recorded.
+    inflight: Mutex<HashMap<i64, (String, jetstream::Message)>>,
+    /// Revisions this replica committed, so its own watcher does not announce them twice.
+    local: Mutex<VecDeque<(String, u64)>>,
+}
+
+/// The layout of the buckets this release reads and writes. 0.1.0 wrote the same layout
+/// without a marker, so a store without one is schema 1.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// `<S>_META` holds `schema`: refuses a store written by a newer release (changing nothing),
+/// and marks an unmarked one with this release's schema.
+async fn check_schema(js: &jetstream::Context, cfg: &NatsConfig) -> Result<(), StoreError> {
+    let name = format!("{}_META", cfg.stream);
+    let meta = match js.get_key_value(&name).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: name.clone(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| backend(&format!("bucket {name}"), e))?,
+    };
+    let found = meta
+        .get("schema")
+        .await
+        .map_err(|e| backend(&format!("bucket {name}"), e))?;
+    match found {
+        Some(v) => {
+            let text = String::from_utf8_lossy(&v).to_string();
+            let found: u32 = text.trim().parse().map_err(|_| {
+                corrupt(
+                    &format!("bucket {name}, key schema"),
+                    format!("\"{text}\" is not a schema number"),
+                )
+            })?;
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::Corrupt(format!(
+                    "NATS JetStream bucket {name} says the store was written by a newer istream (store schema {found}); this release ({}) reads schema {SCHEMA_VERSION} and older; nothing was changed",
+                    env!("CARGO_PKG_VERSION")
+                )));
+            }
+        }
+        None => {
+            meta.create("schema", SCHEMA_VERSION.to_string().into())
+                .await
+                .map(|_| ())
+                .or_else(|e| match e.kind() {
+                    // Another replica marked it first.
+                    kv::CreateErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(backend(&format!("bucket {name}"), e)),
+                })?;
+        }
+    }
+    Ok(())
+}
+
+fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("NATS JetStream {what}: {e}"))
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn short_hash(parts: &[&str]) -> String {
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..12])
+}
+
+/// Stream keys are `ns/name`, names `[a-z0-9]+([._-][a-z0-9]+)*`: valid key-value keys as
+/// they are. Anything else (never produced by the engine) is refused rather than mangled.
+fn check_key(key: &str) -> Result<(), StoreError> {
+    let ok = !key.is_empty()
+        && !key.starts_with('.')
+        && !key.ends_with('.')
+        && !key.contains("..")
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!(
+            "\"{key}\" cannot be a JetStream key"
+        )))
+    }
+}
+
+/// How long the server waits for an attempt's ack before handing the delivery to another
+/// replica: longer than any attempt (the sink timeout) with room to record the result.
+pub fn ack_wait(sink_timeout: Duration) -> Duration {
+    sink_timeout * 2 + Duration::from_secs(5)
+}
+
+impl NatsStore {
+    /// Creates or updates the buckets and the work queue. `ack_wait` bounds how long a
+    /// delivery claimed by a replica that died stays invisible to the others.
+    pub async fn open(
+        client: async_nats::Client,
+        cfg: &NatsConfig,
+        ack_wait: Duration,
+    ) -> Result<NatsStore, StoreError> {
+        let js = jetstream::new(client);
+        // Read before anything is created or reconfigured: a newer release's buckets are left
+        // exactly as they are.
+        check_schema(&js, cfg).await?;
+        let bucket = |suffix: &str, max_age: Duration| kv::Config {
+            bucket: format!("{}_{suffix}", cfg.stream),
+            history: 1,
+            max_age,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        };
+        let kv_open = |c: kv::Config| {
+            let js = js.clone();
+            async move {
+                let name = c.bucket.clone();
+                js.create_or_update_key_value(c)
+                    .await
+                    .map_err(|e| backend(&format!("bucket {name}"), e))
+            }
+        };
+        let streams = kv_open(bucket("STREAMS", Duration::ZERO)).await?;
+        let triggers = kv_open(bucket("TRIGGERS", Duration::ZERO)).await?;
+        // No age limit (set again at every start, so a bucket made with one loses it): pending
+        // and dead deliveries stay until settled or retried, settled ones until
+        // `purge_settled` drops them after `[delivery] retention`.
+        let deliveries = kv_open(bucket("DELIVERIES", Duration::ZERO)).await?;
+        let hints = kv_open(bucket("HINTS", Duration::ZERO)).await?;
+        let work_name = format!("{}_WORK", cfg.stream);
+        let work_subject = format!("{}_work.deliveries", cfg.subject_prefix);
+        js.create_or_update_stream(jetstream::stream::Config {
+            name: work_name.clone(),
+            subjects: vec![work_subject.clone()],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| backend(&format!("stream {work_name}"), e))?;
+        let stream = js
+            .get_stream(&work_name)
+            .await
+            .map_err(|e| backend(&format!("stream {work_name}"), e))?;
+        let consumer: PullConsumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some("deliverer".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait,
+                max_deliver: -1,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| backend(&format!("consumer deliverer on {work_name}"), e))?;
+        Ok(NatsStore {
+            js,
+            streams,
+            triggers,
+            deliveries,
+            hints,
+            work_subject,
+            consumer,
+            outboxes: Mutex::default(),
+            dirty: Mutex::default(),
+            written: Mutex::default(),
+            handed_out: Mutex::default(),
+            next_seq: AtomicI64::new(1),
+            inflight: Mutex::default(),
+            local: Mutex::default(),
+        })
+    }
+}
+
+async fn all_keys(kv: &kv::Store, what: &str) -> Result<Vec<String>, StoreError> {
+    kv.keys()
+        .await
+        .map_err(|e| backend(what, e))?
+        .try_collect()
+        .await
+        .map_err(|e| backend(what, e))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
