@@ -177,6 +177,7 @@ async fn child(mode: &str, db: &str, host: &str, n: usize, one_stream: bool) {
                     media_type: None,
                     platforms: vec![],
                     unchanged: false,
+                    manifest: None,
                 };
                 let t0 = Instant::now();
                 engine

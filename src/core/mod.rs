@@ -661,6 +661,7 @@ impl Engine {
                     platform: spec.platform.as_deref(),
                     known: None,
                     want_platforms: true,
+                    read_manifest: false,
                 };
                 let res = self.registry.resolve(&r, opts).await?;
                 if cur_source.as_deref() == Some(c.as_str())
@@ -766,9 +767,13 @@ impl Engine {
         if previous.as_ref().is_some_and(|p| p.digest == res.digest) {
             return None;
         }
-        let fetch = self
-            .registry
-            .details(r, &res.digest, spec.platform.as_deref(), spec.insecure);
+        let fetch = self.registry.details(
+            r,
+            &res.digest,
+            res.manifest.as_deref(),
+            spec.platform.as_deref(),
+            spec.insecure,
+        );
         let mut d = match tokio::time::timeout(FETCH_WITHIN, fetch).await {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
@@ -797,6 +802,17 @@ impl Engine {
         spec: &TagSpec,
         known: Option<&Digest>,
     ) -> Result<(ImageRef, Resolved), RegistryError> {
+        self.resolve_with(spec, known, false).await
+    }
+
+    /// `resolve`; `read_manifest`: GET at once (a push the registry announced, details on),
+    /// saving the HEAD that would only say the digest changed.
+    async fn resolve_with(
+        &self,
+        spec: &TagSpec,
+        known: Option<&Digest>,
+        read_manifest: bool,
+    ) -> Result<(ImageRef, Resolved), RegistryError> {
         let r = match &spec.from {
             TagFrom::Image(s) => ImageRef::parse(s).map_err(|e| RegistryError::Unsupported {
                 what: s.clone(),
@@ -814,6 +830,9 @@ impl Engine {
             platform: spec.platform.as_deref(),
             known,
             want_platforms: known.is_none(),
+            read_manifest: read_manifest
+                && spec.platform.is_none()
+                && self.registry.fetch_details(&r.registry),
         };
         let res = self.registry.resolve(&r, opts).await;
         crate::metrics::registry_check(&r.registry, res.as_ref().err().map(|e| e.reason()));
@@ -1434,7 +1453,7 @@ impl Engine {
             && let Some(dest) = create_in
         {
             let spec = TagSpec::new(TagFrom::Image(wanted.clone()));
-            let result = self.resolve(&spec, None).await;
+            let result = self.resolve_with(&spec, None, true).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             if result.is_ok() {
                 let details = self.explain(&dest, &spec, &result).await;
@@ -1463,7 +1482,7 @@ impl Engine {
             return Ok(done);
         }
         for (t, spec) in targets {
-            let result = self.resolve(&spec, None).await;
+            let result = self.resolve_with(&spec, None, true).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             if result.is_ok() {
                 self.record_import(&t, &spec, result, Cause::Push, false)

@@ -60,12 +60,17 @@ impl RegistryClient {
         &self,
         r: &ImageRef,
         digest: &Digest,
+        manifest: Option<&[u8]>,
         platform: Option<&str>,
         insecure: bool,
     ) -> Result<Details, RegistryError> {
-        let top = self
-            .get_v2(r, "manifests", digest.as_str(), insecure)
-            .await?;
+        let top = match manifest {
+            Some(m) => m.to_vec(),
+            None => self
+                .get_v2(r, "manifests", digest.as_str(), insecure)
+                .await?
+                .to_vec(),
+        };
         let top: Manifest = serde_json::from_slice(&top).map_err(|e| self.invalid(r, e))?;
         let mut details = Details::default();
         for (k, v) in &top.annotations {

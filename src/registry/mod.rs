@@ -92,6 +92,9 @@ pub struct Resolved {
     pub platforms: Vec<String>,
     /// The registry answered 304: the digest is the one we already knew.
     pub unchanged: bool,
+    /// The manifest itself, when it was read (a GET): the image details start from it
+    /// instead of fetching it again.
+    pub manifest: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -102,6 +105,9 @@ pub struct Options<'a> {
     pub known: Option<&'a Digest>,
     /// Also list an index's platforms (one GET, only worth it when the digest changed).
     pub want_platforms: bool,
+    /// GET the manifest at once instead of HEAD first: for a push the registry announced, the
+    /// digest has changed and the details need the body anyway (one round trip fewer).
+    pub read_manifest: bool,
 }
 
 pub struct RegistryClient {
@@ -338,6 +344,9 @@ impl RegistryClient {
                 .unwrap_or_else(|| Digest::sha256_of(&reply.body));
             return pick_platform(&host.name, &what, &reply.body, media, digest, platform);
         }
+        if opts.read_manifest {
+            return self.read_manifest(&host, r, &path, opts, &what).await;
+        }
         let known = opts.known.map(|d| format!("\"{d}\""));
         let reply = self
             .send(
@@ -358,6 +367,7 @@ impl RegistryClient {
                 media_type: None,
                 platforms: vec![],
                 unchanged: true,
+                manifest: None,
             });
         }
         let media = content_type(&reply.headers);
@@ -373,23 +383,36 @@ impl RegistryClient {
                 media_type: media,
                 platforms: vec![],
                 unchanged: false,
+                manifest: None,
             });
         }
         // No digest header (some registries) or an index whose platforms we want: read it.
+        self.read_manifest(&host, r, &path, opts, &what).await
+    }
+
+    async fn read_manifest(
+        &self,
+        host: &Host,
+        r: &ImageRef,
+        path: &str,
+        opts: Options<'_>,
+        what: &str,
+    ) -> Result<Resolved, RegistryError> {
         let reply = self
-            .send(&host, r, Method::GET, &path, opts.insecure, None, &what)
+            .send(host, r, Method::GET, path, opts.insecure, None, what)
             .await?;
         let media = content_type(&reply.headers);
-        check_manifest(&reply.body, &host.name, &what)?;
-        let digest = header_digest(&reply.headers, &host.name, &what)?
+        check_manifest(&reply.body, &host.name, what)?;
+        let digest = header_digest(&reply.headers, &host.name, what)?
             .unwrap_or_else(|| Digest::sha256_of(&reply.body));
-        check_pinned(r, &digest, &host.name, &what)?;
+        check_pinned(r, &digest, &host.name, what)?;
         let platforms = list_platforms(&reply.body);
         Ok(Resolved {
             digest,
             media_type: media,
             platforms,
             unchanged: false,
+            manifest: Some(reply.body.to_vec()),
         })
     }
 
@@ -739,6 +762,7 @@ fn pick_platform(
             media_type: media,
             platforms: vec![],
             unchanged: false,
+            manifest: None,
         });
     }
     let manifests = doc.manifests.unwrap_or_default();
@@ -767,6 +791,7 @@ fn pick_platform(
         media_type: media,
         platforms: vec![platform.to_string()],
         unchanged: false,
+        manifest: None,
     })
 }
 

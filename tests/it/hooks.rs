@@ -473,3 +473,50 @@ async fn a_burst_of_identical_notifications_costs_one_check() {
     );
     assert_eq!(rx.count("/b"), 1);
 }
+
+/// A push re-check reads the manifest once: the GET that finds the new digest also feeds the
+/// image details (no HEAD first, no second GET of the same manifest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_recheck_reads_the_manifest_once() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    push.image("team/once", "latest", "1").await;
+    let e = Engine::start_env("[hooks]\ntoken_env = \"T_HOOKS\"\n", &[("T_HOOKS", TOKEN)]);
+    e.import_new("once", &format!("{}/team/once", reg.host));
+    let d2 = push.image("team/once", "latest", "2").await;
+    wait_for("the import's requests in the registry's log", || async {
+        (reg.manifest_requests() > 0).then_some(())
+    })
+    .await;
+    let before = reg.manifest_requests();
+    let body = serde_json::json!({"events": [{"action": "push", "target": {
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "repository": "team/once", "tag": "latest", "digest": d2,
+        "url": format!("http://{}/v2/team/once/manifests/{d2}", reg.host)}}]})
+    .to_string();
+    assert_eq!(
+        post(&format!("{}/hooks/registry", e.url), Some(TOKEN), &body).await,
+        200
+    );
+    let t = wait_for("the push to move the tag", || async {
+        e.istag("once").filter(|t| t["digest"] == d2.as_str())
+    })
+    .await;
+    assert!(
+        !t["history"][0]["details"]["layers"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "details recorded: {t}"
+    );
+    wait_for("the re-check in the registry's log", || async {
+        (reg.manifest_requests() > before).then_some(())
+    })
+    .await;
+    let line = wait_for("the re-checks to end", || async {
+        e.log.find("push re-checks done")
+    })
+    .await;
+    assert!(line.contains("runs=1"), "{line}");
+    assert_eq!(reg.manifest_requests() - before, 1);
+}
