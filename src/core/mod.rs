@@ -138,7 +138,7 @@ type Listing = (std::time::Instant, Result<Vec<String>, RegistryError>);
 /// What a policy check decided.
 enum PolicyChoice {
     /// Move to this repository tag's image.
-    Move(String, ImageRef, Resolved),
+    Move(String, ImageRef, Box<Resolved>),
     /// Keep the current image.
     Keep,
 }
@@ -676,7 +676,7 @@ impl Engine {
                 };
                 if !has_image || now - first_seen >= min_age {
                     seen.remove(c.as_str());
-                    return Ok(PolicyChoice::Move(c.clone(), r, res));
+                    return Ok(PolicyChoice::Move(c.clone(), r, Box::new(res)));
                 }
                 seen.insert(
                     c.clone(),
@@ -693,7 +693,7 @@ impl Engine {
         let details = match &decided {
             Ok(PolicyChoice::Move(_, r, res)) => {
                 let image_spec = TagSpec::new(TagFrom::Image(r.to_string()));
-                self.explain(tag, &image_spec, &Ok((r.clone(), res.clone())))
+                self.explain(tag, &image_spec, &Ok((r.clone(), (**res).clone())))
                     .await
             }
             _ => None,
