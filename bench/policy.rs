@@ -81,7 +81,7 @@ fn main() {
         let store = Store::open_sqlite(&config.store.path).unwrap();
         let mut registry = RegistryClient::new(&config);
         registry.set_budget(0.0, 8);
-        let (engine, _rx) = Engine::new(store, Arc::new(registry), &config);
+        let (engine, _rx) = Engine::new(store, Arc::new(registry), &config, None);
         let spec = TagSpec::new(TagFrom::Policy(PolicySpec {
             repository: format!("{}/bench/many", reg.host),
             semver: Some(">=1.50, <2".into()),

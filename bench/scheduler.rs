@@ -97,7 +97,7 @@ fn open(text: &str) -> (Arc<Engine>, Scheduler, Config) {
     let store = Store::open_sqlite(&config.store.path).unwrap();
     let mut registry = RegistryClient::new(&config);
     registry.set_budget(0.0, 8);
-    let (engine, rx) = Engine::new(store, Arc::new(registry), &config);
+    let (engine, rx) = Engine::new(store, Arc::new(registry), &config, None);
     let (sched, _) = Scheduler::new(
         engine.clone(),
         config.schedule.interval.clone(),

@@ -26,7 +26,7 @@ use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsConfig;
-use crate::core::{Engine, SpecChange};
+use crate::core::Engine;
 use crate::store::StoreError;
 use crate::store::nats::{NatsStore, Record};
 
@@ -300,14 +300,16 @@ async fn watch_once(
             Some(new) => st.seen.insert(key.clone(), new),
             None => st.seen.remove(&key),
         };
+        let mut events = Vec::new();
         if let Some(r) = &rec {
             for e in &r.outbox {
                 let fresh = st.remember(&e.id);
                 if fresh && !local && !initial {
-                    let _ = engine.events.send(e.clone());
+                    events.push(e.clone());
                 }
             }
         }
+        engine.remote_change(events, None, Vec::new());
         if initial || local {
             continue;
         }
@@ -316,14 +318,14 @@ async fn watch_once(
             if let Some(doc) = rec.as_ref().and_then(|r| r.doc.as_ref()) {
                 engine.index_stream(Some(doc));
             }
-            let _ = engine.spec_changes.send(SpecChange::Stream(key.clone()));
+            engine.remote_change(Vec::new(), Some(&key), Vec::new());
         }
         if let Some(n) = new {
             for (tag, digest) in &n.digests {
                 let before = old.as_ref().and_then(|o| o.digests.get(tag));
                 let tag_key = format!("{key}:{tag}");
                 if before != Some(digest) && cluster.owns(&tag_key) {
-                    let _ = engine.changed_tags.send(tag_key);
+                    engine.remote_change(Vec::new(), None, vec![tag_key]);
                 }
             }
         }
@@ -340,7 +342,7 @@ fn adopt_outboxes(engine: &Engine, store: &NatsStore, cluster: &Cluster, st: &Wa
         }
     }
     if adopted {
-        engine.outbox.notify_one();
+        engine.outbox_wake().notify_one();
     }
 }
 

@@ -183,10 +183,10 @@ impl Scheduler {
 
     pub async fn run(mut self, cancel: CancellationToken) {
         // One stream at a time: a large store never sits in memory whole.
-        match self.engine.store.keys().await {
+        match self.engine.store().keys().await {
             Ok(keys) => {
                 for k in keys {
-                    match self.engine.store.load(&k, Scope::Heads).await {
+                    match self.engine.store().load(&k, Scope::Heads).await {
                         Ok(Some(l)) => {
                             self.load_stream(&l.doc, true);
                         }
@@ -250,7 +250,7 @@ impl Scheduler {
         let Some((ns, name)) = stream_key.split_once('/') else {
             return;
         };
-        let doc = match self.engine.store.load(stream_key, Scope::Heads).await {
+        let doc = match self.engine.store().load(stream_key, Scope::Heads).await {
             Ok(d) => d.map(|l| l.doc),
             Err(e) => {
                 tracing::warn!(stream = stream_key, error = %e, "scheduler cannot re-read stream");

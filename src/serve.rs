@@ -45,10 +45,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
     };
     let registry = Arc::new(RegistryClient::new(&config));
-    let (engine, rx) = Engine::new(store.clone(), registry, &config);
-    if let Some((_, cluster)) = &shared {
-        let _ = engine.cluster.set(cluster.clone());
-    }
+    let (engine, rx) = Engine::new(
+        store.clone(),
+        registry,
+        &config,
+        shared.as_ref().map(|(_, c)| c.clone()),
+    );
     let tls = match &config.server.tls {
         Some((cert, key)) => Some(
             crate::api::tls_acceptor(cert, key)
@@ -112,7 +114,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracker.spawn(crate::bus::run_publisher(
         store.clone(),
         Arc::new(bus),
-        engine.outbox.clone(),
+        engine.outbox_wake(),
         cancel.clone(),
     ));
     tracker.spawn(

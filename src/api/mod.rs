@@ -244,7 +244,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response();
     }
     // A replica cut off from JetStream cannot write: take it out of the load balancer.
-    if let Some(c) = s.engine.cluster.get()
+    if let Some(c) = s.engine.cluster()
         && !c.members().iter().any(|m| m == c.id())
     {
         return (
@@ -296,7 +296,7 @@ async fn namespace_views(
     caller.allow(&ns, Verb::Read)?;
     let streams = s
         .engine
-        .store
+        .store()
         .list(Some(&ns))
         .await
         .map_err(CoreError::from)?;
@@ -715,7 +715,7 @@ async fn watch(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let ns = q.namespace.clone().unwrap_or_else(|| "default".into());
     caller.allow(&ns, Verb::Read)?;
-    let rx = s.engine.events.subscribe();
+    let rx = s.engine.subscribe();
     let stream = futures_util::StreamExt::take_until(
         BroadcastStream::new(rx),
         s.shutdown.clone().cancelled_owned(),

@@ -103,12 +103,12 @@ pub enum SpecChange {
 }
 
 pub struct Engine {
-    pub store: Store,
-    pub registry: Arc<RegistryClient>,
-    pub instance: String,
-    pub max_import_all: usize,
+    store: Store,
+    registry: Arc<RegistryClient>,
+    instance: String,
+    max_import_all: usize,
     /// `[history] max_entries` (0: keep all).
-    pub max_history: usize,
+    max_history: usize,
     /// `[[forge]]` hosts (host, kind) for compare links, besides github.com and gitlab.com.
     forges: Vec<(String, String)>,
     /// Tag listings of policy repositories: one listing serves every policy tag of a
@@ -118,18 +118,18 @@ pub struct Engine {
     >,
     /// Committed events, for `watch` and in-process subscribers. Lagging receivers lose
     /// events; the outbox is the durable path.
-    pub events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Event>,
     /// Wakes the outbox publisher.
-    pub outbox: Arc<Notify>,
+    outbox: Arc<Notify>,
     /// Tags whose current image changed, for the trigger planner.
-    pub changed_tags: mpsc::UnboundedSender<String>,
-    pub spec_changes: mpsc::UnboundedSender<SpecChange>,
+    changed_tags: mpsc::UnboundedSender<String>,
+    spec_changes: mpsc::UnboundedSender<SpecChange>,
     /// `registry/repository:tag` -> (stream key, tag) of the tags tracking it, so a push
     /// finds its tags without reading any stream whole. Built on first use, kept by `mutate`;
     /// it may hold stale extras (every hit is checked against the tag), never misses.
     tracking: std::sync::Mutex<Option<PushIndex>>,
     /// Set when replicas share a JetStream store: decides which tags this replica polls.
-    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// A repository's tags, and when the listing finished.
@@ -294,10 +294,12 @@ fn now() -> DateTime<Utc> {
 }
 
 impl Engine {
+    /// `cluster`: the replica set, when replicas share a JetStream store.
     pub fn new(
         store: Store,
         registry: Arc<RegistryClient>,
         config: &Config,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> (Arc<Engine>, EngineReceivers) {
         let (events, _) = broadcast::channel(4096);
         let (ct_tx, ct_rx) = mpsc::unbounded_channel();
@@ -316,13 +318,61 @@ impl Engine {
                 changed_tags: ct_tx,
                 spec_changes: sc_tx,
                 tracking: std::sync::Mutex::new(None),
-                cluster: std::sync::OnceLock::new(),
+                cluster,
             }),
             EngineReceivers {
                 changed_tags: ct_rx,
                 spec_changes: sc_rx,
             },
         )
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
+    }
+
+    /// This engine's name in event sources.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The replica set, when replicas share a JetStream store.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Committed events as they happen (lagging receivers lose some; the outbox is durable).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// What wakes the outbox publisher.
+    pub fn outbox_wake(&self) -> Arc<Notify> {
+        self.outbox.clone()
+    }
+
+    /// A change another replica committed, as the watcher saw it: its events go to local
+    /// subscribers, a spec change re-reads the stream's schedule, tags whose image moved are
+    /// planned for triggers here.
+    pub(crate) fn remote_change(
+        &self,
+        events: Vec<Event>,
+        spec_changed: Option<&str>,
+        changed_tags: Vec<String>,
+    ) {
+        for e in events {
+            let _ = self.events.send(e);
+        }
+        if let Some(key) = spec_changed {
+            let _ = self.spec_changes.send(SpecChange::Stream(key.to_string()));
+        }
+        for t in changed_tags {
+            let _ = self.changed_tags.send(t);
+        }
     }
 
     /// Applies `f` to the stream (created empty when `create` and absent), propagates alias
@@ -392,7 +442,7 @@ impl Engine {
 
     /// Whether this replica does the periodic work for `key` (always, without a cluster).
     pub fn owns(&self, key: &str) -> bool {
-        self.cluster.get().is_none_or(|c| c.owns(key))
+        self.cluster.as_ref().is_none_or(|c| c.owns(key))
     }
 
     /// Adds a stream's tracked references to the push index (when the index is built).

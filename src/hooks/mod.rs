@@ -317,7 +317,7 @@ pub async fn handle(
     // A store that cannot take them answers 503, so the sender delivers again.
     if !pushes.is_empty() {
         let hints = pushes.iter().map(hint_of).collect();
-        if let Err(e) = s.hooks.record(&s.engine.store, hints).await {
+        if let Err(e) = s.hooks.record(s.engine.store(), hints).await {
             tracing::error!(source = %source, error = %e, "cannot record push hints");
             return ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -353,7 +353,7 @@ fn hint_of(p: &Push) -> Hint {
 
 /// Re-checks the hints a previous run recorded but did not finish (called at start).
 pub async fn resume_hints(s: &AppState) {
-    match s.engine.store.pending_hints().await {
+    match s.engine.store().pending_hints().await {
         Ok(hints) => {
             if !hints.is_empty() {
                 tracing::info!(
@@ -447,7 +447,7 @@ fn start_recheck(s: &AppState, p: Push) {
             }
         }
         tracing::debug!(hint = %key, runs, "push re-checks done");
-        if let Err(e) = state.engine.store.drop_hint(&key).await {
+        if let Err(e) = state.engine.store().drop_hint(&key).await {
             tracing::warn!(hint = %key, error = %e, "cannot drop a re-checked push hint; it is re-checked again at the next start");
         }
     });

@@ -79,7 +79,7 @@ pub fn current_event(engine: &Engine, s: &ImageStream, tag: &str) -> Option<Even
     Some(Event::new(
         TAG_CHANGED,
         cur.id.clone(),
-        &engine.instance,
+        engine.instance(),
         cur.created,
         EventData {
             digest: Some(cur.digest.to_string()),
@@ -162,7 +162,7 @@ impl Triggers {
             }
             let scope =
                 crate::store::Scope::Tags(watched.iter().map(|(t, _)| t.to_string()).collect());
-            let stream = match self.engine.store.load(stream_key, scope).await {
+            let stream = match self.engine.store().load(stream_key, scope).await {
                 Ok(Some(l)) => l.doc,
                 Ok(None) => continue,
                 Err(e) => {
@@ -186,7 +186,7 @@ impl Triggers {
             }
         }
         for chunk in reqs.chunks(512) {
-            match self.engine.store.fire_due(chunk.to_vec(), now_ms()).await {
+            match self.engine.store().fire_due(chunk.to_vec(), now_ms()).await {
                 Ok(outcomes) => {
                     let mut fired = false;
                     for (r, o) in chunk.iter().zip(outcomes) {
@@ -235,7 +235,7 @@ impl Triggers {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = sweep.tick(), if self.engine.cluster.get().is_some() => {
+                _ = sweep.tick(), if self.engine.cluster().is_some() => {
                     let owned: Vec<String> =
                         all.iter().filter(|t| self.engine.owns(t)).cloned().collect();
                     self.plan_many(&owned).await;
@@ -265,7 +265,7 @@ impl Triggers {
             let settled = !done.is_empty();
             match self
                 .engine
-                .store
+                .store()
                 .complete_and_claim(std::mem::take(&mut done), now_ms(), room)
                 .await
             {
@@ -288,7 +288,7 @@ impl Triggers {
             let wait = if !running.is_empty() {
                 Duration::from_millis(250)
             } else {
-                match self.engine.store.next_due().await {
+                match self.engine.store().next_due().await {
                     Ok(Some(t)) => Duration::from_millis((t - now_ms()).clamp(0, 5_000) as u64),
                     _ => Duration::from_secs(5),
                 }
@@ -314,7 +314,7 @@ impl Triggers {
         .await;
         if let Err(e) = self
             .engine
-            .store
+            .store()
             .complete_and_claim(done, now_ms(), 0)
             .await
         {
@@ -394,10 +394,10 @@ impl Triggers {
             .iter()
             .filter(|t| name.is_none_or(|n| n == t.name))
         {
-            let s = self.engine.store.summary(&t.name).await?;
+            let s = self.engine.store().summary(&t.name).await?;
             let deliveries = self
                 .engine
-                .store
+                .store()
                 .deliveries(&t.name, 20)
                 .await?
                 .into_iter()
@@ -451,7 +451,7 @@ impl Triggers {
         let key = tag.stream.key();
         let doc = self
             .engine
-            .store
+            .store()
             .load(&key, crate::store::Scope::Tags(vec![tag.tag.clone()]))
             .await?
             .map(|l| l.doc)
@@ -474,7 +474,7 @@ impl Triggers {
         if !self.configs.iter().any(|t| t.name == name) {
             return Err(CoreError::NotFound(format!("trigger {name} not found")));
         }
-        let n = self.engine.store.retry_dead(name, now_ms()).await?;
+        let n = self.engine.store().retry_dead(name, now_ms()).await?;
         self.note_change();
         self.wake.notify_one();
         Ok(n)

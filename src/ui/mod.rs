@@ -248,7 +248,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Viewer {
 }
 
 async fn streams_page(State(s): State<AppState>, Viewer(v): Viewer) -> Response {
-    match s.engine.store.list(None).await {
+    match s.engine.store().list(None).await {
         Ok(mut streams) => {
             streams.retain(|x| v.may(&x.namespace, Verb::Read));
             pages::streams(&v, &streams, chrono::Utc::now()).into_response()
@@ -491,21 +491,23 @@ async fn events(
         .into_response()
     })?;
     let caller = v.caller.clone();
-    let tags = tokio_stream::wrappers::BroadcastStream::new(s.engine.events.subscribe())
-        .filter_map(move |e| match e {
-            Ok(e) => caller
-                .allow(&e.data.namespace, Verb::Read)
-                .is_ok()
-                .then(|| {
-                    let data = serde_json::json!({
-                        "namespace": e.data.namespace,
-                        "stream": e.data.stream,
-                        "tag": e.data.tag,
-                    });
-                    SseEvent::default().event("tag").data(data.to_string())
-                }),
-            // Missed some: let the page refresh whatever it shows.
-            Err(_) => Some(SseEvent::default().event("resync").data("{}")),
+    let tags =
+        tokio_stream::wrappers::BroadcastStream::new(s.engine.subscribe()).filter_map(move |e| {
+            match e {
+                Ok(e) => caller
+                    .allow(&e.data.namespace, Verb::Read)
+                    .is_ok()
+                    .then(|| {
+                        let data = serde_json::json!({
+                            "namespace": e.data.namespace,
+                            "stream": e.data.stream,
+                            "tag": e.data.tag,
+                        });
+                        SseEvent::default().event("tag").data(data.to_string())
+                    }),
+                // Missed some: let the page refresh whatever it shows.
+                Err(_) => Some(SseEvent::default().event("resync").data("{}")),
+            }
         });
     let see_deliveries = v.may("*", Verb::Read);
     let deliveries =
