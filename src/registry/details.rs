@@ -64,14 +64,17 @@ impl RegistryClient {
         platform: Option<&str>,
         insecure: bool,
     ) -> Result<Details, RegistryError> {
+        let fetched;
         let top = match manifest {
-            Some(m) => m.to_vec(),
-            None => self
-                .get_v2(r, "manifests", digest.as_str(), insecure)
-                .await?
-                .to_vec(),
+            Some(m) => m,
+            None => {
+                fetched = self
+                    .get_v2(r, "manifests", digest.as_str(), insecure)
+                    .await?;
+                &fetched[..]
+            }
         };
-        let top: Manifest = serde_json::from_slice(&top).map_err(|e| self.invalid(r, e))?;
+        let top: Manifest = serde_json::from_slice(top).map_err(|e| self.invalid(r, e))?;
         let mut details = Details::default();
         for (k, v) in &top.annotations {
             details.annotations.insert(strip(k), v.clone());

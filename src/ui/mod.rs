@@ -226,24 +226,29 @@ fn clear_token_cookie(s: &AppState, r: &mut Response) {
     }
 }
 
-fn session_of(req: &axum::http::Extensions) -> Session {
-    req.get::<Session>().cloned().unwrap_or(Session {
-        caller: Caller::Local,
-        csrf: String::new(),
-        who: None,
-    })
-}
-
-/// The session the middleware attached to the request.
+/// The session the middleware attached to the request; a route without the middleware
+/// answers 500 rather than serving anyone as a local caller.
 pub(crate) struct Viewer(Session);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Viewer {
-    type Rejection = Infallible;
+    type Rejection = Response;
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         _: &S,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Viewer(session_of(&parts.extensions)))
+        parts
+            .extensions
+            .get::<Session>()
+            .cloned()
+            .map(Viewer)
+            .ok_or_else(|| {
+                pages::error_page(
+                    None,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "page served without a session",
+                )
+                .into_response()
+            })
     }
 }
 

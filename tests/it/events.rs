@@ -204,37 +204,6 @@ async fn watch_prints_changes_on_the_embedded_default() {
     let _ = child.wait();
 }
 
-/// Pushes an OCI image with these labels (config) and annotations (manifest) and layers.
-async fn annotated_image(
-    push: &Pusher,
-    repo: &str,
-    tag: &str,
-    labels: serde_json::Value,
-    annotations: serde_json::Value,
-    layers: &[&str],
-) -> String {
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
-        "config": {"Labels": labels}, "rootfs": {"type": "layers", "diff_ids": []}})
-    .to_string();
-    let cd = push.blob(repo, config.as_bytes()).await;
-    let mut descs = Vec::new();
-    for l in layers {
-        let d = push.blob(repo, l.as_bytes()).await;
-        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": l.len(), "digest": d}));
-    }
-    let m = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": cd},
-        "layers": descs, "annotations": annotations})
-    .to_string();
-    push.manifest(
-        repo,
-        tag,
-        "application/vnd.oci.image.manifest.v1+json",
-        m.as_bytes(),
-    )
-    .await
-}
-
 /// SPEC 10: a change's event says what changed — previous image, OCI annotations merged with
 /// the config's labels, layers against the previous image, the forge's compare page — also
 /// recorded on the history entry; an index lists its platforms; `fetch_details = false` skips
@@ -249,8 +218,7 @@ async fn events_explain_the_change() {
         rx.url
     ));
     let base = "layer: the base";
-    let a = annotated_image(
-        &push,
+    let a = push.annotated_image(
         "acme/app",
         "latest",
         serde_json::json!({"org.opencontainers.image.revision": "aaa111", "org.opencontainers.image.source": "https://github.com/acme/app", "maintainer": "ops"}),
@@ -261,8 +229,7 @@ async fn events_explain_the_change() {
     e.import_new("app", &format!("{}/acme/app", reg.host));
     rx.wait_requests(1).await;
     let extra = "layer: the app, version two";
-    let b = annotated_image(
-        &push,
+    let b = push.annotated_image(
         "acme/app",
         "latest",
         serde_json::json!({"org.opencontainers.image.revision": "bbb222", "org.opencontainers.image.source": "https://github.com/acme/app"}),

@@ -14,25 +14,6 @@ use crate::support::*;
 const TAB: &str = "\u{E004}";
 const ENTER: &str = "\u{E007}";
 
-/// An OCI image whose manifest carries `annotations` (as a build tool would set them).
-async fn annotated_image(push: &Pusher, repo: &str, tag: &str, title: &str) -> String {
-    let config = br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let cd = push.blob(repo, config).await;
-    let ld = push.blob(repo, b"annotated layer").await;
-    let title = serde_json::to_string(title).unwrap();
-    let m = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","size":{},"digest":"{cd}"}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","size":15,"digest":"{ld}"}}],"annotations":{{"org.opencontainers.image.title":{title}}}}}"#,
-        config.len()
-    );
-    push.manifest(
-        repo,
-        tag,
-        "application/vnd.oci.image.manifest.v1+json",
-        m.as_bytes(),
-    )
-    .await
-}
-
 fn screenshot_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/ui-stream.png")
 }
@@ -52,11 +33,12 @@ async fn pages_timeline_live_updates_and_retry_in_a_browser() {
     let reg = Registry::start();
     let push = Pusher::new(&reg.host);
     let d1 = push.image("team/app", "latest", "1").await;
-    annotated_image(
-        &push,
+    push.annotated_image(
         "team/evil",
         "latest",
-        "<script>window.__xss = 1</script>",
+        serde_json::json!({}),
+        serde_json::json!({"org.opencontainers.image.title": "<script>window.__xss = 1</script>"}),
+        &["annotated layer"],
     )
     .await;
     let rx = Receiver::start().await;

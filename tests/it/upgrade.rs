@@ -28,19 +28,16 @@ fn fixture_triggers(dead_url: &str, ok_url: &str) -> String {
     )
 }
 
-/// Makes the fixture with the release before schema 2 (run on that release's code:
-/// `cargo test --test it make_store_v1_fixture -- --ignored`). Kept to show how it was made.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "makes tests/fixtures/store-v1 with the previous release"]
-async fn make_store_v1_fixture() {
-    let reg = Registry::start();
-    let push = Pusher::new(&reg.host);
-    push.image("team/app", "latest", "1").await;
-    push.image("team/lib", "1", "1").await;
-    let gone = Receiver::start().await;
-    gone.script(&[(404, &[]), (404, &[]), (404, &[])]);
-    let ok = Receiver::start().await;
-    let mut e = Engine::start(&fixture_triggers(&gone.url, &ok.url));
+/// What both fixtures hold, made through the CLI of the release under `e`: two streams, a
+/// history of two, an alias, a copy, a failed import (condition), a pin (rollback), and
+/// deliveries delivered, dead, pending and superseded.
+async fn fixture_scenario(
+    e: &Engine,
+    reg: &Registry,
+    push: &Pusher,
+    gone: &Receiver,
+    ok: &Receiver,
+) {
     let h = &reg.host;
     e.import_new("app", &format!("{h}/team/app"));
     e.import_new("lib:1", &format!("{h}/team/lib:1"));
@@ -62,6 +59,22 @@ async fn make_store_v1_fixture() {
         .unwrap()
         .to_string();
     expect_code(&e.cli(&["tag", &format!("app@{first}"), "app:pinned"]), 0);
+}
+
+/// Makes the fixture with the release before schema 2 (run on that release's code:
+/// `cargo test --test it make_store_v1_fixture -- --ignored`). Kept to show how it was made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "makes tests/fixtures/store-v1 with the previous release"]
+async fn make_store_v1_fixture() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    push.image("team/app", "latest", "1").await;
+    push.image("team/lib", "1", "1").await;
+    let gone = Receiver::start().await;
+    gone.script(&[(404, &[]), (404, &[]), (404, &[])]);
+    let ok = Receiver::start().await;
+    let mut e = Engine::start(&fixture_triggers(&gone.url, &ok.url));
+    fixture_scenario(&e, &reg, &push, &gone, &ok).await;
     let _ = wait_for("three deliveries at ok", || async {
         (ok.requests().len() >= 2).then_some(())
     })
@@ -358,25 +371,7 @@ async fn make_store_v1_nats_fixture() {
     let ok = Receiver::start().await;
     let env = on_nats(&nats.url);
     let mut e = Engine::start_env(&fixture_triggers(&gone.url, &ok.url), &env_refs(&env));
-    let h = &reg.host;
-    e.import_new("app", &format!("{h}/team/app"));
-    e.import_new("lib:1", &format!("{h}/team/lib:1"));
-    ok.wait_requests(1).await;
-    gone.wait_requests(1).await;
-    push.image("team/app", "latest", "2").await;
-    expect_code(&e.cli(&["import-image", "app"]), 0);
-    ok.wait_requests(2).await;
-    expect_code(&e.cli(&["tag", "--alias", "app:latest", "app:stable"]), 0);
-    expect_code(&e.cli(&["tag", "app:latest", "lib:copy"]), 0);
-    expect_code(
-        &e.cli(&["tag", &format!("{h}/team/missing:1"), "lib:broken"]),
-        1,
-    );
-    let first = e.istag("app:latest").unwrap()["history"][1]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    expect_code(&e.cli(&["tag", &format!("app@{first}"), "app:pinned"]), 0);
+    fixture_scenario(&e, &reg, &push, &gone, &ok).await;
     gone.wait_requests(2).await;
     e.stop();
     // A clean stop of the server, so everything it acknowledged is in its files.

@@ -368,6 +368,37 @@ impl Pusher {
         .await
     }
 
+    /// Pushes an OCI image with these labels (config) and annotations (manifest) and layers.
+    pub async fn annotated_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        labels: serde_json::Value,
+        annotations: serde_json::Value,
+        layers: &[&str],
+    ) -> String {
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+            "config": {"Labels": labels}, "rootfs": {"type": "layers", "diff_ids": []}})
+        .to_string();
+        let cd = self.blob(repo, config.as_bytes()).await;
+        let mut descs = Vec::new();
+        for l in layers {
+            let d = self.blob(repo, l.as_bytes()).await;
+            descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": l.len(), "digest": d}));
+        }
+        let m = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": cd},
+            "layers": descs, "annotations": annotations})
+        .to_string();
+        self.manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            m.as_bytes(),
+        )
+        .await
+    }
+
     /// An OCI index with one image per (os, arch, seed); returns (index digest, children).
     pub async fn index(
         &self,
