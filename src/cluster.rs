@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NatsConfig;
 use crate::core::Engine;
 use crate::store::StoreError;
-use crate::store::nats::{NatsStore, Record};
+use crate::store::nats::{Head, NatsStore};
 
 /// How often a replica renews its membership and re-reads the member list.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -177,22 +177,12 @@ async fn open_bucket(
         .map_err(|e| StoreError::Backend(format!("NATS JetStream bucket {}: {e}", config.bucket)))
 }
 
-/// What the watcher remembers of a stream, to tell what a new revision changed.
-#[derive(PartialEq)]
+/// What the watcher remembers of a stream, to tell what a new revision changed: its
+/// generation, and the digest of each tag as the heads' tag writes showed it.
+#[derive(PartialEq, Default)]
 struct Seen {
-    generation: i64,
+    generation: Option<i64>,
     digests: BTreeMap<String, String>,
-}
-
-fn seen_of(rec: &Record) -> Option<Seen> {
-    rec.doc.as_ref().map(|d| Seen {
-        generation: d.generation,
-        digests: d
-            .tags
-            .iter()
-            .filter_map(|(n, t)| t.current_digest().map(|x| (n.clone(), x.to_string())))
-            .collect(),
-    })
 }
 
 /// Follows every change of the streams bucket (see the module docs) until cancelled,
@@ -276,9 +266,9 @@ async fn watch_once(
         let key = entry.key.clone();
         let initial = entry.revision <= start_rev;
         let local = store.committed_here(&key, entry.revision);
-        let rec = match entry.operation {
-            kv::Operation::Put => match serde_json::from_slice::<Record>(&entry.value) {
-                Ok(r) => Some(r),
+        let head = match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<Head>(&entry.value) {
+                Ok(h) => Some(h),
                 Err(e) => {
                     tracing::warn!(stream = %key, error = %e, "unreadable entry in the streams bucket ignored");
                     continue;
@@ -286,7 +276,7 @@ async fn watch_once(
             },
             _ => None,
         };
-        match rec.as_ref().filter(|r| !r.outbox.is_empty()) {
+        match head.as_ref().filter(|h| !h.outbox.is_empty()) {
             Some(_) => {
                 st.outbox_since
                     .entry(key.clone())
@@ -296,13 +286,9 @@ async fn watch_once(
                 st.outbox_since.remove(&key);
             }
         }
-        let old = match rec.as_ref().and_then(seen_of) {
-            Some(new) => st.seen.insert(key.clone(), new),
-            None => st.seen.remove(&key),
-        };
         let mut events = Vec::new();
-        if let Some(r) = &rec {
-            for e in &r.outbox {
+        if let Some(h) = &head {
+            for e in &h.outbox {
                 let fresh = st.remember(&e.id);
                 if fresh && !local && !initial {
                     events.push(e.clone());
@@ -310,23 +296,48 @@ async fn watch_once(
             }
         }
         engine.remote_change(events, None, Vec::new());
+        let Some(meta) = head.as_ref().and_then(|h| h.meta.as_ref()) else {
+            st.seen.remove(&key);
+            continue;
+        };
+        let head = head.as_ref().expect("meta comes from the head");
+        let seen = st.seen.entry(key.clone()).or_default();
+        let old_generation = seen.generation.replace(meta.generation);
+        // The tags this revision wrote, with their digests after it.
+        let mut moved = Vec::new();
+        for p in &head.pending {
+            let digest = p
+                .record
+                .as_ref()
+                .and_then(|r| r.tag.current_digest())
+                .map(|d| d.to_string());
+            let before = match &digest {
+                Some(d) => seen.digests.insert(p.tag.clone(), d.clone()),
+                None => seen.digests.remove(&p.tag),
+            };
+            if digest.is_some() && before != digest {
+                moved.push(p.tag.clone());
+            }
+        }
         if initial || local {
             continue;
         }
-        let new = st.seen.get(&key);
-        if old.as_ref().map(|o| o.generation) != new.map(|n| n.generation) {
-            if let Some(doc) = rec.as_ref().and_then(|r| r.doc.as_ref()) {
-                engine.index_stream(Some(doc));
+        if old_generation != Some(meta.generation) {
+            // The tags written with the new generation carry the specs that changed.
+            let mut doc = crate::model::ImageStream::new(&meta.namespace, &meta.name, meta.created);
+            doc.generation = meta.generation;
+            for p in &head.pending {
+                if let Some(r) = &p.record {
+                    doc.tags.insert(p.tag.clone(), r.tag.clone());
+                }
             }
+            engine.index_stream(Some(&doc));
             engine.remote_change(Vec::new(), Some(&key), Vec::new());
         }
-        if let Some(n) = new {
-            for (tag, digest) in &n.digests {
-                let before = old.as_ref().and_then(|o| o.digests.get(tag));
-                let tag_key = format!("{key}:{tag}");
-                if before != Some(digest) && cluster.owns(&tag_key) {
-                    engine.remote_change(Vec::new(), None, vec![tag_key]);
-                }
+        for tag in moved {
+            let tag_key = format!("{key}:{tag}");
+            if cluster.owns(&tag_key) {
+                engine.remote_change(Vec::new(), None, vec![tag_key]);
             }
         }
     }

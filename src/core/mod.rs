@@ -1395,32 +1395,18 @@ impl Engine {
         use futures_util::StreamExt as _;
         /// Imports in flight at once; the per-host budgets queue the rest of the work.
         const AT_ONCE: usize = 64;
-        // A store that keeps each stream as one document takes one change of a stream at a
-        // time (the others would only conflict and retry): there, streams go in parallel and
-        // the tags of one stream in turn.
-        let mut batches: Vec<Vec<(StreamTagRef, TagSpec)>> = Vec::new();
-        if self.store.tags_apart() {
-            batches.extend(tags.into_iter().map(|t| vec![t]));
-        } else {
-            let mut by_stream: BTreeMap<String, Vec<(StreamTagRef, TagSpec)>> = BTreeMap::new();
-            for t in tags {
-                by_stream.entry(t.0.stream.key()).or_default().push(t);
-            }
-            batches.extend(by_stream.into_values());
-        }
-        futures_util::stream::iter(batches)
-            .for_each_concurrent(AT_ONCE, |batch| async move {
-                for (tag, spec) in batch {
-                    let done = if matches!(spec.from, TagFrom::Policy(_)) {
-                        self.check_policy(&tag, &spec, Cause::Import, false).await
-                    } else {
-                        let result = self.resolve(&spec, None).await;
-                        self.record_import(&tag, &spec, result, Cause::Import, false)
-                            .await
-                    };
-                    if let Err(e) = done {
-                        tracing::error!(tag = %tag, error = %e, "cannot record import");
-                    }
+        // Both stores keep tags apart, so every tag is its own import, whatever its stream.
+        futures_util::stream::iter(tags)
+            .for_each_concurrent(AT_ONCE, |(tag, spec)| async move {
+                let done = if matches!(spec.from, TagFrom::Policy(_)) {
+                    self.check_policy(&tag, &spec, Cause::Import, false).await
+                } else {
+                    let result = self.resolve(&spec, None).await;
+                    self.record_import(&tag, &spec, result, Cause::Import, false)
+                        .await
+                };
+                if let Err(e) = done {
+                    tracing::error!(tag = %tag, error = %e, "cannot record import");
                 }
             })
             .await;

@@ -343,3 +343,55 @@ async fn per_tag_changes(store: &Store) {
     assert!(store.tag(key, "c").await.unwrap().is_none());
     assert!(store.tag(key, "a").await.unwrap().is_some());
 }
+
+/// JetStream: a change whose head was written but whose tag writes were not (the process died
+/// in between) is completed by the next replica that reads or changes the stream.
+pub async fn unapplied_writes_roll_forward(first: Store, second: Store) {
+    let Store::Nats(n) = &first else {
+        panic!("a JetStream store is needed")
+    };
+    let key = "default/crash";
+    let mut s = ImageStream::new("default", "crash", Utc::now());
+    s.set_spec("a", TagSpec::new(TagFrom::Image("r.example/p:a".into())));
+    s.set_spec("b", TagSpec::new(TagFrom::Image("r.example/p:b".into())));
+    s.tags.get_mut("a").unwrap().record(entry(1));
+    first
+        .commit(Commit {
+            key: key.into(),
+            expected_rev: None,
+            doc: Some(s),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    n.stop_after_head_write(true);
+    change(&first, key, Scope::Tags(vec!["a".into()]), 0, |d| {
+        d.tags.get_mut("a").unwrap().record(entry(2));
+    })
+    .await
+    .unwrap();
+    // Another replica: the change is there, history and all.
+    let (_, a) = second.tag(key, "a").await.unwrap().unwrap();
+    assert_eq!(a.history, vec![entry(2), entry(1)]);
+    let l = second
+        .load(key, Scope::Tags(vec!["a".into()]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.doc.tags["a"].history[0], entry(2));
+    // It changes the stream on from there (another tag, then the same one).
+    change(&second, key, Scope::Tags(vec!["b".into()]), 0, |d| {
+        d.tags.get_mut("b").unwrap().record(entry(3));
+    })
+    .await
+    .unwrap();
+    change(&second, key, Scope::Tags(vec!["a".into()]), 0, |d| {
+        d.tags.get_mut("a").unwrap().record(entry(4));
+    })
+    .await
+    .unwrap();
+    let (full, _) = second.get(key).await.unwrap().unwrap();
+    assert_eq!(full.tags["a"].history, vec![entry(4), entry(2), entry(1)]);
+    assert_eq!(full.tags["b"].history, vec![entry(3)]);
+    n.stop_after_head_write(false);
+}

@@ -2,7 +2,8 @@
 //! outbox written in the same transaction as each change, and trigger bookkeeping (last image
 //! fired for, delivery queue). `sqlite` is the embedded default and stores each tag and each
 //! history entry as its own row, so a change costs what it changes, not the stream's size;
-//! `nats` keeps one document per stream in JetStream so that several replicas share them.
+//! `nats` keeps a small head per stream and a record per tag and per history entry in
+//! JetStream, so that several replicas share them at the same cost per change.
 
 pub mod nats;
 pub mod sqlite;
@@ -230,16 +231,10 @@ impl Store {
         blocking!(self, s => s.get(&key), n => n.get(&key))
     }
 
-    /// Whether changes to different tags of one stream can commit side by side (SQLite keeps
-    /// tags apart; JetStream keeps a stream as one document).
-    pub fn tags_apart(&self) -> bool {
-        matches!(self, Store::Sqlite(_))
-    }
-
     /// The stream with the tags `scope` names, for a change or a cheap read.
     pub async fn load(&self, key: &str, scope: Scope) -> Result<Option<Loaded>, StoreError> {
         let key = key.to_string();
-        blocking!(self, s => s.load(&key, &scope), n => n.load(&key))
+        blocking!(self, s => s.load(&key, &scope), n => n.load(&key, &scope))
     }
 
     /// One tag with its whole history (`get istag`, `describe istag`).

@@ -30,6 +30,15 @@ async fn jetstream_store_behaves_like_sqlite() {
     istream::store::conformance::behaviour(store).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_cut_short_after_its_head_write_is_completed_by_the_next_replica() {
+    let nats = Nats::start();
+    let cfg = istream::config::NatsConfig::with_url(&nats.url);
+    let first = istream::store::Store::connect_nats(&cfg).await.unwrap();
+    let second = istream::store::Store::connect_nats(&cfg).await.unwrap();
+    istream::store::conformance::unapplied_writes_roll_forward(first, second).await;
+}
+
 /// A registry logging every request, holding `app:v1`, and a nats-server.
 async fn counting_registry_with_app_v1() -> (Registry, Nats) {
     let reg = Registry::start_with(RegistryOptions {

@@ -406,10 +406,19 @@ async fn a_jetstream_store_of_the_previous_release_opens_with_nothing_lost() {
     let env = on_nats(&nats.url);
     let mut e = Engine::start_env(&fixture_triggers(&gone.url, &ok.url), &env_refs(&env));
     assert_fixture_state(&e).await;
-    // The store is marked with this release's schema now.
+    e.log
+        .find("upgrading the JetStream store in place from_schema=1 to_schema=2 streams=2")
+        .expect("the upgrade is logged");
+    // The store is marked with this release's schema now, and each stream is a head with a
+    // record per tag beside it.
     let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
     let meta = js.get_key_value("ISTREAM_META").await.unwrap();
-    assert_eq!(meta.get("schema").await.unwrap().unwrap().as_ref(), b"1");
+    assert_eq!(meta.get("schema").await.unwrap().unwrap().as_ref(), b"2");
+    let tags = js.get_key_value("ISTREAM_TAGS").await.unwrap();
+    let keys: Vec<String> = futures_util::TryStreamExt::try_collect(tags.keys().await.unwrap())
+        .await
+        .unwrap();
+    assert!(keys.contains(&"default/app.latest".to_string()), "{keys:?}");
     e.restart();
     assert_fixture_state(&e).await;
     wait_for("the start-up trigger planning", || async {
@@ -437,7 +446,7 @@ async fn a_jetstream_store_of_a_newer_release_is_refused_untouched() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("ISTREAM_META") && err.contains("schema 99") && err.contains("schema 1"),
+        err.contains("ISTREAM_META") && err.contains("schema 99") && err.contains("schema 2"),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
@@ -446,4 +455,37 @@ async fn a_jetstream_store_of_a_newer_release_is_refused_untouched() {
         js.get_key_value("ISTREAM_STREAMS").await.is_err(),
         "nothing was created next to a newer store"
     );
+}
+
+/// A crash (the process aborts) after the first of the fixture's two streams is converted: the
+/// next start converts the rest, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_upgrade_that_crashed_half_way_completes_at_the_next_start() {
+    let nats = nats_with_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = on_nats(&nats.url);
+    env.push(("ISTREAM_TEST_CRASH_UPGRADE_AFTER", "1".to_string()));
+    let out = serve_until_exit(dir.path(), "", &env_refs(&env));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("aborting mid-upgrade"), "{err}");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let meta = js.get_key_value("ISTREAM_META").await.unwrap();
+    assert!(
+        meta.get("schema").await.unwrap().is_none(),
+        "the store is not marked upgraded until every stream is"
+    );
+    let gone = Receiver::start().await;
+    gone.script(&[(404, &[])]);
+    let ok = Receiver::start().await;
+    let env = on_nats(&nats.url);
+    let e = Engine::start_env(&fixture_triggers(&gone.url, &ok.url), &env_refs(&env));
+    assert_fixture_state(&e).await;
+    e.log
+        .find("upgrading the JetStream store in place from_schema=1 to_schema=2 streams=2")
+        .expect("the second start upgrades what is left");
+    e.log
+        .find("JetStream store upgraded from_schema=1 to_schema=2 converted=1")
+        .expect("one stream was left");
+    assert_eq!(meta.get("schema").await.unwrap().unwrap().as_ref(), b"2");
 }

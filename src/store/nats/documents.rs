@@ -1,38 +1,466 @@
-//! The documents: image streams in `<S>_STREAMS` with their outboxes (commit by
-//! compare-and-set, publication, listing), and push hints in `<S>_HINTS`.
+//! The documents: each image stream as a head in `<S>_STREAMS` (with its outbox and the tag
+//! writes of its latest changes), each tag as a record in `<S>_TAGS`, each history entry in
+//! `<S>_HISTORY`; commit by compare-and-set of the head, publication, listing; push hints in
+//! `<S>_HINTS`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
 
 use super::*;
+use crate::model::{HistoryEntry, Tag, TagFrom};
+use crate::store::{Loaded, Scope};
 
-impl NatsStore {
-    async fn read(&self, key: &str) -> Result<Option<(Record, u64)>, StoreError> {
-        check_key(key)?;
-        match self.streams.entry(key).await {
-            Ok(Some(e)) => {
-                let rec: Record = serde_json::from_slice(&e.value)
-                    .map_err(|x| corrupt(&format!("image stream {key}"), x))?;
-                Ok(Some((rec, e.revision)))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => Err(backend(&format!("read of {key}"), e)),
+/// Marks a schema-2 head; a schema-1 entry (a whole document) has no `v`.
+pub(super) const HEAD_V: u32 = 2;
+
+/// One `<S>_STREAMS` entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Head {
+    pub v: u32,
+    /// None: a tombstone, kept until its outbox is published.
+    pub meta: Option<Meta>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<Event>,
+    /// The tag writes committed with this head, which may not all be applied to `<S>_TAGS` and
+    /// `<S>_HISTORY` yet (a crash right after the head's write): whoever writes the head next
+    /// applies them first, and readers apply those of the tags they read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<Pending>,
+    /// Same-stream links: tag → the tags whose spec copies or follows it (a change loads them
+    /// with it, as aliases follow their source).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub links: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// The stream's own record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    pub created: DateTime<Utc>,
+    /// The stream's revision: moves when the record itself changes, not when a tag does, so
+    /// changes of different tags commit side by side.
+    pub rev: i64,
+}
+
+/// One tag's write in a change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    pub tag: String,
+    /// The record's revision before the write (0: absent); the write is a compare-and-set on
+    /// it, so it lands once, and never over a later one.
+    pub base: u64,
+    /// The record after the write; None deletes the tag and its history.
+    pub record: Option<TagRecord>,
+    /// History entries written: (seq, entry).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<(u64, HistoryEntry)>,
+    /// History seqs dropped by retention: `from..to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop: Option<(u64, u64)>,
+}
+
+/// One `<S>_TAGS` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub name: String,
+    /// The tag with its two newest history entries (events and deliveries name the previous
+    /// image); the others live in `<S>_HISTORY` only.
+    pub tag: Tag,
+    /// Names this tag's history entries apart from those of an earlier tag of the same name.
+    pub inc: String,
+    /// History seqs held: `lo..=hi` (none when `hi < lo`).
+    pub lo: u64,
+    pub hi: u64,
+}
+
+/// A key-value token for any name: `[A-Za-z0-9_/-]` as they are, every other byte as `=XX`,
+/// so a stream or tag name is one token of a key and a prefix selects exactly its records.
+pub(super) fn token(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'/' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    out
+}
+
+pub(super) fn tag_key(stream: &str, tag: &str) -> String {
+    format!("{}.{}", token(stream), token(tag))
+}
+
+pub(super) fn history_key(stream: &str, tag: &str, inc: &str, seq: u64) -> String {
+    format!("{}.{}.{inc}.{seq}", token(stream), token(tag))
+}
+
+/// The same-stream tag a spec copies or follows.
+pub(super) fn same_stream_source(t: &Tag) -> Option<&str> {
+    match &t.spec.from {
+        TagFrom::Tag(src) if !src.contains(':') => Some(src),
+        _ => None,
+    }
+}
+
+pub(super) fn recent(t: &Tag) -> Tag {
+    Tag {
+        history: t.history.iter().take(2).cloned().collect(),
+        ..t.clone()
+    }
+}
+
+/// A fresh incarnation name for a tag's history keys.
+pub(super) fn new_inc() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+impl Meta {
+    pub(super) fn of(doc: &ImageStream, rev: i64) -> Meta {
+        Meta {
+            namespace: doc.namespace.clone(),
+            name: doc.name.clone(),
+            generation: doc.generation,
+            created: doc.created,
+            rev,
         }
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<(ImageStream, i64)>, StoreError> {
-        let Some((rec, rev)) = self.read(key).await? else {
-            lock(&self.outboxes).remove(key);
-            return Ok(None);
+    fn stream(&self) -> ImageStream {
+        ImageStream {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            generation: self.generation,
+            created: self.created,
+            tags: Default::default(),
+        }
+    }
+}
+
+/// Reads one entry: (raw revision, value) with delete markers as revision and no value.
+pub(super) async fn entry(
+    kv: &kv::Store,
+    key: &str,
+    what: &str,
+) -> Result<(u64, Option<Bytes>), StoreError> {
+    match kv.entry(key).await {
+        Ok(Some(e)) if e.operation == kv::Operation::Put => Ok((e.revision, Some(e.value))),
+        Ok(Some(e)) => Ok((e.revision, None)),
+        Ok(None) => Ok((0, None)),
+        Err(e) => Err(backend(&format!("read of {what}"), e)),
+    }
+}
+
+/// Every live entry whose key matches `pattern` (wildcards allowed), with its revision: one
+/// ordered consumer over the bucket's stream, ended when it has delivered all.
+pub(super) async fn scan(
+    kv: &kv::Store,
+    pattern: &str,
+    what: &str,
+) -> Result<Vec<(String, u64, Bytes)>, StoreError> {
+    use jetstream::consumer::{DeliverPolicy, pull};
+    let err = |e: &dyn std::fmt::Display| backend(&format!("listing of {what}"), e);
+    let consumer = kv
+        .stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("{}{pattern}", kv.prefix),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut msgs = consumer.messages().await.map_err(|e| err(&e))?;
+    loop {
+        // Ordered delivery on loopback is fast; a scan that stops short of its count saw an
+        // entry purged under it, and is failed rather than returned incomplete.
+        let next = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await;
+        let m = match next {
+            Ok(Some(m)) => m.map_err(|e| err(&e))?,
+            Ok(None) => break,
+            Err(_) => return Err(err(&"no complete answer within 10 s; try again")),
         };
-        lock(&self.outboxes).insert(key.to_string(), (rev, rec.outbox.clone()));
-        Ok(rec.doc.map(|d| (d, rev as i64)))
+        let info = m.info().map_err(|e| err(&e))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let op = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .map(|v| v.as_str().to_string());
+        if op.is_none() {
+            let key = m
+                .subject
+                .strip_prefix(kv.prefix.as_str())
+                .unwrap_or(&m.subject)
+                .to_string();
+            out.push((key, seq, m.payload.clone()));
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Removes every message of the subjects `pattern` matches, markers too (a dropped history
+/// entry or a deleted tag leaves nothing behind).
+pub(super) async fn purge(kv: &kv::Store, pattern: &str, what: &str) -> Result<(), StoreError> {
+    kv.stream
+        .purge()
+        .filter(format!("{}{pattern}", kv.prefix))
+        .await
+        .map(|_| ())
+        .map_err(|e| backend(&format!("purge of {what}"), e))
+}
+
+fn parse_head(key: &str, value: &[u8]) -> Result<Head, StoreError> {
+    let head: Head =
+        serde_json::from_slice(value).map_err(|x| corrupt(&format!("image stream {key}"), x))?;
+    if head.v != HEAD_V {
+        return Err(corrupt(
+            &format!("image stream {key}"),
+            "an entry of the schema-1 layout (each stream one document) after the upgrade: is a replica of an older release still running?",
+        ));
+    }
+    Ok(head)
+}
+
+impl NatsStore {
+    /// The stream's head and its revision (the raw revision of a deleted entry, with None).
+    async fn head(&self, key: &str) -> Result<(u64, Option<Head>), StoreError> {
+        check_key(key)?;
+        let (rev, value) = entry(&self.streams, key, key).await?;
+        let head = value.map(|v| parse_head(key, &v)).transpose()?;
+        let mut heads = lock(&self.heads);
+        match &head {
+            Some(h) => heads.insert(key.to_string(), (rev, h.clone())),
+            None => heads.remove(key),
+        };
+        Ok((rev, head))
     }
 
-    /// The whole document: one stream is one entry here, so every scope reads all of it and
-    /// every tag shares the stream's revision.
-    pub async fn load(&self, key: &str) -> Result<Option<crate::store::Loaded>, StoreError> {
-        Ok(self.get(key).await?.map(|(doc, rev)| crate::store::Loaded {
-            tag_revs: doc.tags.keys().map(|t| (t.clone(), rev)).collect(),
+    async fn head_cached(&self, key: &str) -> Result<(u64, Option<Head>), StoreError> {
+        if let Some((rev, h)) = lock(&self.heads).get(key) {
+            return Ok((*rev, Some(h.clone())));
+        }
+        self.head(key).await
+    }
+
+    fn stream_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = lock(&self.locks);
+        if locks.len() > 1024 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    async fn tag_record(
+        &self,
+        stream: &str,
+        tag: &str,
+    ) -> Result<(u64, Option<TagRecord>), StoreError> {
+        let what = format!("tag {stream}:{tag}");
+        let (rev, value) = entry(&self.tags, &tag_key(stream, tag), &what).await?;
+        let rec = value
+            .map(|v| serde_json::from_slice::<TagRecord>(&v).map_err(|x| corrupt(&what, x)))
+            .transpose()?;
+        Ok((rev, rec))
+    }
+
+    /// Lands one pending write (idempotent: a write that another applied, or one overtaken by
+    /// a later write, changes nothing).
+    async fn apply(&self, stream: &str, p: &Pending) -> Result<(), StoreError> {
+        let tk = tag_key(stream, &p.tag);
+        if lock(&self.applied).contains(&(tk.clone(), p.base)) {
+            return Ok(());
+        }
+        let what = format!("tag {stream}:{}", p.tag);
+        if let Some(rec) = &p.record {
+            let writes = p.entries.iter().map(|(seq, e)| {
+                let key = history_key(stream, &p.tag, &rec.inc, *seq);
+                let body = serde_json::to_vec(e).map(Bytes::from);
+                let what = &what;
+                async move {
+                    let body = body.map_err(|e| corrupt("history entry", e))?;
+                    self.history
+                        .put(&key, body)
+                        .await
+                        .map_err(|e| backend(&format!("history write of {what}"), e))
+                }
+            });
+            futures_util::future::try_join_all(writes).await?;
+            if let Some((from, to)) = p.drop {
+                for seq in from..to {
+                    let key = history_key(stream, &p.tag, &rec.inc, seq);
+                    purge(&self.history, &key, &what).await?;
+                }
+            }
+            let body = serde_json::to_vec(rec).map_err(|e| corrupt(&what, e))?;
+            match self.tags.update(&tk, body.into(), p.base).await {
+                Ok(_) => {}
+                // Applied already (by another replica, or by this one before a retry).
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => return Err(backend(&format!("write of {what}"), e)),
+            }
+        } else if p.base != 0 {
+            match self.tags.delete_expect_revision(&tk, Some(p.base)).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {}
+                Err(e) => return Err(backend(&format!("delete of {what}"), e)),
+            }
+            purge(&self.history, &format!("{tk}.>"), &what).await?;
+        }
+        let mut applied = lock(&self.applied);
+        if applied.len() > 65_536 {
+            applied.clear();
+        }
+        applied.insert((tk, p.base));
+        Ok(())
+    }
+
+    /// Applies the head's pending writes (those of `only` tags, when given).
+    async fn settle(
+        &self,
+        stream: &str,
+        head: &Head,
+        only: Option<&BTreeSet<String>>,
+    ) -> Result<(), StoreError> {
+        for p in &head.pending {
+            if only.is_none_or(|o| o.contains(&p.tag)) {
+                self.apply(stream, p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The live head of a stream with its pending writes applied (None: no such stream).
+    async fn live_head(&self, key: &str) -> Result<Option<Head>, StoreError> {
+        let (_, head) = self.head(key).await?;
+        let Some(head) = head.filter(|h| h.meta.is_some()) else {
+            return Ok(None);
+        };
+        self.settle(key, &head, None).await?;
+        Ok(Some(head))
+    }
+
+    /// The whole history of the tags given (one tag, or every tag of the stream), newest
+    /// first: one listing of the history bucket, whatever the number of tags.
+    async fn histories(
+        &self,
+        stream: &str,
+        recs: &[&TagRecord],
+        every_tag: bool,
+    ) -> Result<HashMap<String, Vec<HistoryEntry>>, StoreError> {
+        let what = format!("history of {stream}");
+        let wanted: HashMap<String, &TagRecord> =
+            recs.iter().map(|r| (token(&r.name), *r)).collect();
+        let pattern = match (every_tag, recs) {
+            (false, [r]) => format!("{}.{}.{}.*", token(stream), token(&r.name), r.inc),
+            _ => format!("{}.>", token(stream)),
+        };
+        let prefix = format!("{}.", token(stream));
+        let mut by_tag: HashMap<String, BTreeMap<u64, HistoryEntry>> = HashMap::new();
+        for (key, _, value) in scan(&self.history, &pattern, &what).await? {
+            let mut parts = key.strip_prefix(&prefix).unwrap_or_default().split('.');
+            let (Some(tag), Some(inc), Some(seq)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Some(rec), Ok(seq)) = (wanted.get(tag), seq.parse::<u64>()) else {
+                continue;
+            };
+            // Entries of an earlier tag of that name, or dropped by retention, are not its history.
+            if inc != rec.inc || !(rec.lo..=rec.hi).contains(&seq) {
+                continue;
+            }
+            let e: HistoryEntry = serde_json::from_slice(&value).map_err(|x| corrupt(&what, x))?;
+            by_tag.entry(rec.name.clone()).or_default().insert(seq, e);
+        }
+        Ok(by_tag
+            .into_iter()
+            .map(|(t, m)| (t, m.into_values().rev().collect()))
+            .collect())
+    }
+
+    /// Every tag record of a stream.
+    async fn all_tags(&self, stream: &str) -> Result<Vec<(u64, TagRecord)>, StoreError> {
+        let what = format!("tags of {stream}");
+        scan(&self.tags, &format!("{}.*", token(stream)), &what)
+            .await?
+            .into_iter()
+            .map(|(_, rev, v)| {
+                serde_json::from_slice::<TagRecord>(&v)
+                    .map(|r| (rev, r))
+                    .map_err(|x| corrupt(&what, x))
+            })
+            .collect()
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<(ImageStream, i64)>, StoreError> {
+        Ok(self.load(key, &Scope::All).await?.map(|l| (l.doc, l.rev)))
+    }
+
+    /// The stream's record with the tags `scope` names (their alias closure included).
+    pub async fn load(&self, key: &str, scope: &Scope) -> Result<Option<Loaded>, StoreError> {
+        let Some(head) = self.live_head(key).await? else {
+            return Ok(None);
+        };
+        let Some(meta) = &head.meta else {
+            return Ok(None);
+        };
+        let mut doc = meta.stream();
+        let mut tag_revs = BTreeMap::new();
+        match scope {
+            Scope::All | Scope::Heads => {
+                let recs = self.all_tags(key).await?;
+                let mut histories = if *scope == Scope::All && !recs.is_empty() {
+                    let refs: Vec<&TagRecord> = recs.iter().map(|(_, r)| r).collect();
+                    self.histories(key, &refs, true).await?
+                } else {
+                    HashMap::new()
+                };
+                for (rev, rec) in recs {
+                    let mut t = rec.tag;
+                    if *scope == Scope::All {
+                        t.history = histories.remove(&rec.name).unwrap_or_default();
+                    }
+                    tag_revs.insert(rec.name.clone(), rev as i64);
+                    doc.tags.insert(rec.name, t);
+                }
+            }
+            Scope::Tags(names) => {
+                let mut todo: Vec<String> = names.clone();
+                let mut seen = BTreeSet::new();
+                while let Some(name) = todo.pop() {
+                    if !seen.insert(name.clone()) {
+                        continue;
+                    }
+                    if let Some(followers) = head.links.get(&name) {
+                        todo.extend(followers.iter().cloned());
+                    }
+                    let (rev, Some(rec)) = self.tag_record(key, &name).await? else {
+                        continue;
+                    };
+                    if let Some(src) = same_stream_source(&rec.tag) {
+                        todo.push(src.to_string());
+                    }
+                    tag_revs.insert(name.clone(), rev as i64);
+                    doc.tags.insert(name, rec.tag);
+                }
+            }
+        }
+        Ok(Some(Loaded {
             doc,
-            rev,
+            rev: meta.rev,
+            tag_revs,
         }))
     }
 
@@ -40,12 +468,20 @@ impl NatsStore {
         &self,
         key: &str,
         tag: &str,
-    ) -> Result<Option<(ImageStream, crate::model::Tag)>, StoreError> {
-        Ok(self.get(key).await?.and_then(|(mut doc, _)| {
-            let t = doc.tags.remove(tag)?;
-            doc.tags.clear();
-            Some((doc, t))
-        }))
+    ) -> Result<Option<(ImageStream, Tag)>, StoreError> {
+        let Some(head) = self.live_head(key).await? else {
+            return Ok(None);
+        };
+        let Some(meta) = &head.meta else {
+            return Ok(None);
+        };
+        let (_, Some(rec)) = self.tag_record(key, tag).await? else {
+            return Ok(None);
+        };
+        let mut histories = self.histories(key, &[&rec], false).await?;
+        let mut t = rec.tag.clone();
+        t.history = histories.remove(&rec.name).unwrap_or_default();
+        Ok(Some((meta.stream(), t)))
     }
 
     pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
@@ -60,9 +496,7 @@ impl NatsStore {
             if namespace.is_some_and(|ns| !k.starts_with(&format!("{ns}/"))) {
                 continue;
             }
-            if let Some((rec, _)) = self.read(&k).await?
-                && let Some(doc) = rec.doc
-            {
+            if let Some((doc, _)) = self.get(&k).await? {
                 out.push(doc);
             }
         }
@@ -71,73 +505,243 @@ impl NatsStore {
 
     pub async fn commit(&self, c: &Commit) -> Result<i64, StoreError> {
         check_key(&c.key)?;
-        let conflict = || StoreError::Conflict(c.key.clone());
-        // The outbox to carry forward, and the revision to write over (a tombstone counts as
-        // absent for the caller but is still an entry).
-        let cached = lock(&self.outboxes).remove(&c.key);
-        let (mut outbox, over) = match (c.expected_rev, cached) {
-            (Some(r), Some((cr, ob))) if cr == r as u64 => (ob, Some(r as u64)),
-            (expected, _) => match self.read(&c.key).await? {
-                Some((rec, rev)) => {
-                    let matches = match expected {
-                        Some(r) => rec.doc.is_some() && rev == r as u64,
-                        None => rec.doc.is_none(),
-                    };
-                    if !matches {
-                        return Err(conflict());
+        let stream_lock = self.stream_lock(&c.key);
+        let _one_at_a_time = stream_lock.lock().await;
+        let retry =
+            crate::retry::Backoff::new(Duration::from_millis(2), Duration::from_millis(200));
+        for attempt in 0..50u32 {
+            match self.try_commit(c).await {
+                Err(StoreError::Conflict(k)) if k.is_empty() => {
+                    // Another replica wrote the head between our read and write: read again.
+                    lock(&self.heads).remove(&c.key);
+                    if attempt > 0 {
+                        tokio::time::sleep(retry.delay(attempt)).await;
                     }
-                    (rec.outbox, Some(rev))
                 }
-                None if expected.is_none() => (Vec::new(), None),
-                None => return Err(conflict()),
-            },
-        };
-        outbox.extend(c.events.iter().cloned());
-        let has_outbox = !outbox.is_empty();
-        let rec = Record {
-            doc: c.doc.clone(),
-            outbox,
-        };
-        let rev = if rec.doc.is_none() && !has_outbox {
-            let Some(over) = over else { return Ok(0) };
-            self.streams
-                .delete_expect_revision(&c.key, Some(over))
-                .await
-                .map_err(|e| match e.kind() {
-                    kv::DeleteErrorKind::WrongLastRevision => conflict(),
-                    _ => backend(&format!("delete of {}", c.key), e),
-                })?;
+                other => return other,
+            }
+        }
+        Err(StoreError::Conflict(c.key.clone()))
+    }
+
+    /// One attempt; `Conflict("")` means the head moved under it (retry).
+    async fn try_commit(&self, c: &Commit) -> Result<i64, StoreError> {
+        let key = c.key.as_str();
+        let conflict = || StoreError::Conflict(c.key.clone());
+        let (head_rev, old) = self.head_cached(key).await?;
+        if let Some(h) = &old {
+            // Writes are dropped from the head below, so they must have landed first.
+            self.settle(key, h, None).await?;
+        }
+        let live = old.as_ref().and_then(|h| h.meta.as_ref());
+        match (c.expected_rev, live) {
+            (None, None) => {}
+            (Some(r), Some(m)) if m.rev == r => {}
+            _ => return Err(conflict()),
+        }
+        let mut head = old.clone().unwrap_or_default();
+        head.v = HEAD_V;
+        head.pending.clear();
+        if live.is_none() {
+            // A new stream starts clean of what a deleted one of the same name left behind.
+            head.links.clear();
+            purge(&self.tags, &format!("{}.*", token(key)), key).await?;
+            purge(&self.history, &format!("{}.>", token(key)), key).await?;
+        }
+        let mut deleted_all = false;
+        match &c.doc {
+            None => {
+                head.meta = None;
+                head.links.clear();
+                deleted_all = true;
+            }
+            Some(doc) => {
+                let rev = match live {
+                    Some(m) if !c.meta_changed && c.tags.is_some() => m.rev,
+                    Some(m) => m.rev + 1,
+                    None => 1,
+                };
+                head.meta = Some(Meta::of(doc, rev));
+                let writes: Vec<TagWrite> = match &c.tags {
+                    Some(w) => w.clone(),
+                    None => self.whole_doc_writes(key, doc, live.is_some()).await?,
+                };
+                for w in &writes {
+                    let p = self
+                        .pending_for(key, w, c.tags.is_some(), c.max_history)
+                        .await?;
+                    let Some(p) = p else { return Err(conflict()) };
+                    for followers in head.links.values_mut() {
+                        followers.remove(&w.name);
+                    }
+                    if let Some(src) = p.record.as_ref().and_then(|r| same_stream_source(&r.tag)) {
+                        head.links
+                            .entry(src.to_string())
+                            .or_default()
+                            .insert(w.name.clone());
+                    }
+                    head.pending.push(p);
+                }
+                head.links.retain(|_, f| !f.is_empty());
+            }
+        }
+        head.outbox.extend(c.events.iter().cloned());
+        // Write the head: the change is committed when this lands.
+        let new_rev = if head.meta.is_none() && head.outbox.is_empty() {
+            if old.is_some() {
+                match self
+                    .streams
+                    .delete_expect_revision(key, Some(head_rev))
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
+                        return Err(StoreError::Conflict(String::new()));
+                    }
+                    Err(e) => return Err(backend(&format!("delete of {key}"), e)),
+                }
+            }
             0
         } else {
-            let body = serde_json::to_vec(&rec).map_err(|e| corrupt("image stream", e))?;
-            match over {
-                Some(r) => {
-                    self.streams
-                        .update(&c.key, body.into(), r)
-                        .await
-                        .map_err(|e| match e.kind() {
-                            kv::UpdateErrorKind::WrongLastRevision => conflict(),
-                            _ => backend(&format!("write of {}", c.key), e),
-                        })?
+            let body = serde_json::to_vec(&head).map_err(|e| corrupt("image stream", e))?;
+            match self.streams.update(key, body.into(), head_rev).await {
+                Ok(r) => r,
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    return Err(StoreError::Conflict(String::new()));
                 }
-                None => self
-                    .streams
-                    .create(&c.key, body.into())
-                    .await
-                    .map_err(|e| match e.kind() {
-                        kv::CreateErrorKind::AlreadyExists => conflict(),
-                        _ => backend(&format!("write of {}", c.key), e),
-                    })?,
+                Err(e) => return Err(backend(&format!("write of {key}"), e)),
             }
         };
-        self.mark_local(&c.key, rev);
-        if has_outbox {
-            lock(&self.dirty).insert(c.key.clone());
-            lock(&self.written).insert(c.key.clone(), (rev, rec));
-        } else {
-            lock(&self.written).remove(&c.key);
+        self.mark_local(key, new_rev);
+        {
+            let mut heads = lock(&self.heads);
+            if new_rev == 0 {
+                heads.remove(key);
+            } else {
+                heads.insert(key.to_string(), (new_rev, head.clone()));
+            }
         }
-        Ok(rev as i64)
+        if !head.outbox.is_empty() {
+            lock(&self.dirty).insert(key.to_string());
+        }
+        if self.stop_after_head.load(Ordering::Relaxed) {
+            return Ok(head.meta.map_or(0, |m| m.rev));
+        }
+        // Land the tag writes now; a failure here is repaired by the next reader or writer.
+        let applied =
+            futures_util::future::try_join_all(head.pending.iter().map(|p| self.apply(key, p)))
+                .await;
+        if let Err(e) = applied {
+            tracing::warn!(stream = key, error = %e, "a committed change's tag writes are not all applied yet; the next read applies them");
+        }
+        if deleted_all {
+            let cleaned = async {
+                purge(&self.tags, &format!("{}.*", token(key)), key).await?;
+                purge(&self.history, &format!("{}.>", token(key)), key).await
+            };
+            if let Err(e) = cleaned.await {
+                tracing::warn!(stream = key, error = %e, "records of a deleted stream not purged yet; a new stream of that name purges them");
+            }
+        }
+        Ok(head.meta.map_or(0, |m| m.rev))
+    }
+
+    /// A commit without per-tag writes replaces the stream: every tag it has, and deletes for
+    /// the stored tags it has not.
+    async fn whole_doc_writes(
+        &self,
+        key: &str,
+        doc: &ImageStream,
+        exists: bool,
+    ) -> Result<Vec<TagWrite>, StoreError> {
+        let mut writes: Vec<TagWrite> = doc
+            .tags
+            .iter()
+            .map(|(name, t)| TagWrite {
+                name: name.clone(),
+                expected_rev: None,
+                tag: Some(Tag {
+                    history: Vec::new(),
+                    ..t.clone()
+                }),
+                new_entries: t.history.clone(),
+                head_update: None,
+            })
+            .collect();
+        if exists {
+            for (_, rec) in self.all_tags(key).await? {
+                if !doc.tags.contains_key(&rec.name) {
+                    writes.push(TagWrite {
+                        name: rec.name,
+                        expected_rev: None,
+                        tag: None,
+                        new_entries: Vec::new(),
+                        head_update: None,
+                    });
+                }
+            }
+        }
+        Ok(writes)
+    }
+
+    /// The pending write for one tag of a change (None: the tag moved since it was loaded).
+    /// With `check` false (a whole-stream replacement) it writes over whatever is there, and
+    /// the tag's history starts over.
+    async fn pending_for(
+        &self,
+        key: &str,
+        w: &TagWrite,
+        check: bool,
+        max_history: usize,
+    ) -> Result<Option<Pending>, StoreError> {
+        let (base, cur) = self.tag_record(key, &w.name).await?;
+        let cur_rev = cur.as_ref().map(|_| base as i64);
+        if check && cur_rev != w.expected_rev {
+            return Ok(None);
+        }
+        let cur = if check { cur } else { None };
+        let Some(t) = &w.tag else {
+            return Ok(Some(Pending {
+                tag: w.name.clone(),
+                base,
+                record: None,
+                entries: Vec::new(),
+                drop: None,
+            }));
+        };
+        let (inc, lo, mut hi) = match &cur {
+            Some(r) => (r.inc.clone(), r.lo, r.hi),
+            None => (new_inc(), 1, 0),
+        };
+        let mut entries = Vec::new();
+        if let Some(h) = &w.head_update
+            && hi >= lo
+        {
+            entries.push((hi, h.clone()));
+        }
+        for e in w.new_entries.iter().rev() {
+            hi += 1;
+            entries.push((hi, e.clone()));
+        }
+        let mut new_lo = lo;
+        if max_history > 0 && hi + 1 > lo + max_history as u64 {
+            new_lo = hi + 1 - max_history as u64;
+        }
+        let drop = (new_lo > lo).then_some((lo, new_lo));
+        entries.retain(|(seq, _)| *seq >= new_lo);
+        Ok(Some(Pending {
+            tag: w.name.clone(),
+            base,
+            record: Some(TagRecord {
+                name: w.name.clone(),
+                tag: recent(t),
+                inc,
+                lo: new_lo,
+                hi,
+            }),
+            entries,
+            drop,
+        }))
     }
 
     /// The unpublished events of the streams this replica publishes, in commit order per stream.
@@ -148,13 +752,9 @@ impl NatsStore {
             if out.len() >= limit {
                 break;
             }
-            let cached = lock(&self.written).get(&key).map(|(_, r)| r.outbox.clone());
-            let outbox = match cached {
-                Some(outbox) => outbox,
-                None => match self.read(&key).await? {
-                    Some((rec, _)) => rec.outbox,
-                    None => Vec::new(),
-                },
+            let outbox = match self.head_cached(&key).await? {
+                (_, Some(h)) => h.outbox,
+                (_, None) => Vec::new(),
             };
             if outbox.is_empty() {
                 lock(&self.dirty).remove(&key);
@@ -174,8 +774,8 @@ impl NatsStore {
         Ok(lock(&self.dirty).len() as i64)
     }
 
-    /// Removes published events from their streams' outboxes (CAS, re-read on conflict); an
-    /// emptied tombstone is deleted.
+    /// Removes published events from their streams' outboxes (CAS, re-read on conflict), and
+    /// the landed tag writes with them; an emptied tombstone is deleted.
     pub async fn mark_published(&self, seqs: &[i64]) -> Result<(), StoreError> {
         let mut by_key: HashMap<String, BTreeSet<String>> = HashMap::new();
         {
@@ -187,21 +787,21 @@ impl NatsStore {
             }
         }
         for (key, ids) in by_key {
-            let mut cached = lock(&self.written).remove(&key);
+            let stream_lock = self.stream_lock(&key);
+            let _one_at_a_time = stream_lock.lock().await;
             for _ in 0..20 {
-                let current = match cached.take() {
-                    Some((rev, rec)) => Some((rec, rev)),
-                    None => self.read(&key).await?,
-                };
-                let Some((mut rec, rev)) = current else {
+                let (rev, Some(mut head)) = self.head_cached(&key).await? else {
+                    lock(&self.dirty).remove(&key);
                     break;
                 };
-                let before = rec.outbox.len();
-                rec.outbox.retain(|e| !ids.contains(&e.id));
-                if rec.outbox.len() == before {
+                let before = head.outbox.len();
+                head.outbox.retain(|e| !ids.contains(&e.id));
+                if head.outbox.len() == before {
                     break;
                 }
-                let res = if rec.doc.is_none() && rec.outbox.is_empty() {
+                self.settle(&key, &head, None).await?;
+                head.pending.clear();
+                let res = if head.meta.is_none() && head.outbox.is_empty() {
                     self.streams
                         .delete_expect_revision(&key, Some(rev))
                         .await
@@ -211,7 +811,7 @@ impl NatsStore {
                             _ => Some(backend(&format!("delete of {key}"), e)),
                         })
                 } else {
-                    let body = serde_json::to_vec(&rec).map_err(|e| corrupt("image stream", e))?;
+                    let body = serde_json::to_vec(&head).map_err(|e| corrupt("image stream", e))?;
                     self.streams
                         .update(&key, body.into(), rev)
                         .await
@@ -223,14 +823,22 @@ impl NatsStore {
                 match res {
                     Ok(new_rev) => {
                         self.mark_local(&key, new_rev);
-                        if rec.outbox.is_empty() {
-                            lock(&self.dirty).remove(&key);
+                        let empty = head.outbox.is_empty();
+                        let mut heads = lock(&self.heads);
+                        if new_rev == 0 {
+                            heads.remove(&key);
                         } else {
-                            lock(&self.written).insert(key.clone(), (new_rev, rec));
+                            heads.insert(key.clone(), (new_rev, head));
+                        }
+                        if empty {
+                            lock(&self.dirty).remove(&key);
                         }
                         break;
                     }
-                    Err(None) => continue,
+                    Err(None) => {
+                        lock(&self.heads).remove(&key);
+                        continue;
+                    }
                     Err(Some(e)) => return Err(e),
                 }
             }

@@ -1,14 +1,24 @@
 //! The scale-out store: the same behaviour as the SQLite store, kept in NATS JetStream so that
 //! several replicas share it. No consensus of our own — JetStream's does the work:
 //!
-//! - `<S>_STREAMS` (key-value, history 1): one entry per image stream, `ns/name` → the stream
-//!   document plus its *outbox* (the events of changes not yet published). Writes are
-//!   compare-and-set on the entry's revision, so two replicas never overwrite each other's
-//!   change, and a change and its events are one write: the outbox cannot lose an event
-//!   between the commit and the publication. A deleted stream leaves a tombstone holding the
-//!   `tag.deleted` events until they are published.
+//! - `<S>_STREAMS` (key-value, history 1): one small *head* per image stream, `ns/name` → the
+//!   stream's own record (generation, created), its *outbox* (the events of changes not yet
+//!   published), the same-stream links between tags, and the tag writes of the latest changes
+//!   (`pending`). Every change is one compare-and-set of the head: the change, its events and
+//!   the tag writes it makes are one write, so two replicas never overwrite each other's change
+//!   and the outbox cannot lose an event between the commit and the publication.
+//! - `<S>_TAGS` (key-value): one record per tag (spec, status, conditions, the two newest
+//!   history entries), `<stream>.<tag>`. A committed change applies its pending writes here
+//!   right after the head's write; whoever next reads or changes the stream applies any that a
+//!   crash left behind (each write is a compare-and-set on the record's revision before the
+//!   change, so applying twice or late changes nothing). A check that finds the known digest
+//!   touches none of this; a change writes what it changed, whatever the stream's size.
+//! - `<S>_HISTORY` (key-value): one entry per history entry, `<stream>.<tag>.<incarnation>.<seq>`.
+//! - A deleted stream leaves a tombstone head holding the `tag.deleted` events until they are
+//!   published.
 //! - `<S>_META` (key-value): `schema`, the layout version; read first at every start, so a
-//!   newer release's buckets are refused untouched.
+//!   newer release's buckets are refused untouched and an older layout is converted in place
+//!   (`upgrade`).
 //! - `<S>_TRIGGERS` (key-value): per trigger and tag, the digest last fired for (CAS).
 //! - `<S>_DELIVERIES` (key-value): one record per delivery (state, attempts, last error), for
 //!   `istream triggers` and to skip work that is already finished.
@@ -34,22 +44,25 @@ use sha2::Digest as _;
 
 mod deliveries;
 mod documents;
+mod upgrade;
 mod watch;
 
+pub use documents::Head;
+
 use super::{
-    Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError,
+    Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError, TagWrite,
     TriggerSummary,
 };
 use crate::config::NatsConfig;
 use crate::model::{Event, ImageStream};
 
-/// What one `<S>_STREAMS` entry holds.
+/// What one `<S>_STREAMS` entry held in schema 1: the whole stream as one document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Record {
+struct RecordV1 {
     /// None: a tombstone, kept until its outbox is published.
-    pub doc: Option<ImageStream>,
+    doc: Option<ImageStream>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub outbox: Vec<Event>,
+    outbox: Vec<Event>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,22 +119,25 @@ struct WorkItem {
 pub struct NatsStore {
     js: jetstream::Context,
     streams: kv::Store,
+    tags: kv::Store,
+    history: kv::Store,
     triggers: kv::Store,
     deliveries: kv::Store,
     /// Push hints not yet re-checked (SPEC 9: recorded before the hook answers).
     hints: kv::Store,
     work_subject: String,
     consumer: PullConsumer,
-    /// Outbox of each stream as last read, by revision: a commit carries it forward without
-    /// reading the entry again.
-    outboxes: Mutex<HashMap<String, (u64, Vec<Event>)>>,
+    /// The head of each stream as this replica last read or wrote it, with its revision: a
+    /// commit or the publisher writes over it without reading it again (a compare-and-set
+    /// that fails reads it then). Heads are small: no tags, no history.
+    heads: Mutex<HashMap<String, (u64, Head)>>,
+    /// Changes of one stream made here go one at a time (they would only fail each other's
+    /// compare-and-set of the head); other streams' changes go side by side.
+    locks: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// Pending tag writes (tag key, revision before the write) known to be applied.
+    applied: Mutex<std::collections::HashSet<(String, u64)>>,
     /// Streams whose outbox this replica publishes.
     dirty: Mutex<BTreeSet<String>>,
-    /// The entry this replica last wrote for a stream whose outbox is not yet empty, with its
-    /// revision: the publisher takes the events from here and clears them with a
-    /// compare-and-set on that revision, without reading the entry back (it reads only when
-    /// another write came in between).
-    written: Mutex<HashMap<String, (u64, Record)>>,
     /// `pending_events` sequence → (stream key, event id), until marked published.
     handed_out: Mutex<HashMap<i64, (String, String)>>,
     next_seq: AtomicI64,
@@ -129,15 +145,21 @@ pub struct NatsStore {
     inflight: Mutex<HashMap<i64, (String, jetstream::Message)>>,
     /// Revisions this replica committed, so its own watcher does not announce them twice.
     local: Mutex<VecDeque<(String, u64)>>,
+    /// Tests: commits stop after the head's write, as if the process died there.
+    stop_after_head: std::sync::atomic::AtomicBool,
 }
 
-/// The layout of the buckets this release reads and writes. 0.1.0 wrote the same layout
-/// without a marker, so a store without one is schema 1.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The layout of the buckets this release reads and writes: 2, a head per stream and a record
+/// per tag and per history entry. Schema 1 (0.1.0, without a marker, and 0.2.0) kept each
+/// stream as one document; it is converted at start (`upgrade`).
+pub const SCHEMA_VERSION: u32 = 2;
 
-/// `<S>_META` holds `schema`: refuses a store written by a newer release (changing nothing),
-/// and marks an unmarked one with this release's schema.
-async fn check_schema(js: &jetstream::Context, cfg: &NatsConfig) -> Result<(), StoreError> {
+/// `<S>_META` holds `schema`: refuses a store written by a newer release (changing nothing).
+/// Returns the bucket, and the schema found (1 when unmarked).
+async fn check_schema(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+) -> Result<(kv::Store, u32), StoreError> {
     let name = format!("{}_META", cfg.stream);
     let meta = match js.get_key_value(&name).await {
         Ok(kv) => kv,
@@ -156,7 +178,7 @@ async fn check_schema(js: &jetstream::Context, cfg: &NatsConfig) -> Result<(), S
         .get("schema")
         .await
         .map_err(|e| backend(&format!("bucket {name}"), e))?;
-    match found {
+    let schema = match found {
         Some(v) => {
             let text = String::from_utf8_lossy(&v).to_string();
             let found: u32 = text.trim().parse().map_err(|_| {
@@ -171,19 +193,11 @@ async fn check_schema(js: &jetstream::Context, cfg: &NatsConfig) -> Result<(), S
                     env!("CARGO_PKG_VERSION")
                 )));
             }
+            found
         }
-        None => {
-            meta.create("schema", SCHEMA_VERSION.to_string().into())
-                .await
-                .map(|_| ())
-                .or_else(|e| match e.kind() {
-                    // Another replica marked it first.
-                    kv::CreateErrorKind::AlreadyExists => Ok(()),
-                    _ => Err(backend(&format!("bucket {name}"), e)),
-                })?;
-        }
-    }
-    Ok(())
+        None => 1,
+    };
+    Ok((meta, schema))
 }
 
 fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -239,7 +253,7 @@ impl NatsStore {
         let js = jetstream::new(client);
         // Read before anything is created or reconfigured: a newer release's buckets are left
         // exactly as they are.
-        check_schema(&js, cfg).await?;
+        let (meta, schema) = check_schema(&js, cfg).await?;
         let bucket = |suffix: &str, max_age: Duration| kv::Config {
             bucket: format!("{}_{suffix}", cfg.stream),
             history: 1,
@@ -258,6 +272,8 @@ impl NatsStore {
             }
         };
         let streams = kv_open(bucket("STREAMS", Duration::ZERO)).await?;
+        let tags = kv_open(bucket("TAGS", Duration::ZERO)).await?;
+        let history = kv_open(bucket("HISTORY", Duration::ZERO)).await?;
         let triggers = kv_open(bucket("TRIGGERS", Duration::ZERO)).await?;
         // No age limit (set again at every start, so a bucket made with one loses it): pending
         // and dead deliveries stay until settled or retried, settled ones until
@@ -292,22 +308,39 @@ impl NatsStore {
             })
             .await
             .map_err(|e| backend(&format!("consumer deliverer on {work_name}"), e))?;
-        Ok(NatsStore {
+        let store = NatsStore {
             js,
             streams,
+            tags,
+            history,
             triggers,
             deliveries,
             hints,
             work_subject,
             consumer,
-            outboxes: Mutex::default(),
+            heads: Mutex::default(),
+            locks: Mutex::default(),
+            applied: Mutex::default(),
             dirty: Mutex::default(),
-            written: Mutex::default(),
             handed_out: Mutex::default(),
             next_seq: AtomicI64::new(1),
             inflight: Mutex::default(),
             local: Mutex::default(),
-        })
+            stop_after_head: Default::default(),
+        };
+        if schema < SCHEMA_VERSION {
+            store.upgrade(&meta, schema).await?;
+        }
+        Ok(store)
+    }
+}
+
+impl NatsStore {
+    /// Tests: makes every later commit stop right after its head is written (the tag writes
+    /// are left for the next reader, as after a crash at that point).
+    #[doc(hidden)]
+    pub fn stop_after_head_write(&self, on: bool) {
+        self.stop_after_head.store(on, Ordering::Relaxed);
     }
 }
 
