@@ -2,7 +2,8 @@
 //!
 //! Starts a local docker-registry, measures its own manifest `HEAD` rate with a plain HTTP load
 //! loop at 8 connections (the physical limit here), then, each scenario in a fresh process on a
-//! new SQLite store, for 10,000 declared scheduled tags in one stream and in 100 streams (and
+//! new store (SQLite, then JetStream on a new nats-server; `ISTREAM_BENCH_STORES=sqlite`
+//! for one), for 10,000 declared scheduled tags in one stream and in 100 streams (and
 //! 4,000 in one stream, for memory):
 //! - start-up as `serve` does it (apply declared streams, import every tag) until every tag has
 //!   an image;
@@ -77,9 +78,15 @@ async fn baseline(host: &str, etag: Option<&str>, secs: u64) -> f64 {
 }
 
 /// The config of a scenario: `n` declared scheduled tags, in one stream or in streams of 100.
-fn config_text(db: &str, host: &str, n: usize, one_stream: bool) -> String {
+/// `store` is `sqlite` or a NATS URL (the JetStream store).
+fn config_text(db: &str, store: &str, host: &str, n: usize, one_stream: bool) -> String {
     let per_stream = if one_stream { n } else { 100 };
-    let mut text = format!("[store]\npath = \"{db}\"\n[schedule]\ninterval = \"1h\"\n");
+    let mut text = if store == "sqlite" {
+        format!("[store]\npath = \"{db}\"\n")
+    } else {
+        format!("[store]\nkind = \"nats\"\n[nats]\nurl = \"{store}\"\n")
+    };
+    text += "[schedule]\ninterval = \"1h\"\n";
     for s in 0..n.div_ceil(per_stream) {
         text += &format!("[[stream]]\nname = \"s{s}\"\nnamespace = \"bench\"\ntags = [\n");
         for t in 0..per_stream.min(n - s * per_stream) {
@@ -92,9 +99,13 @@ fn config_text(db: &str, host: &str, n: usize, one_stream: bool) -> String {
     text
 }
 
-fn open(text: &str) -> (Arc<Engine>, Scheduler, Config) {
+async fn open(text: &str, nats: bool) -> (Arc<Engine>, Scheduler, Config) {
     let config = Config::from_str(std::path::Path::new("bench.toml"), text).unwrap();
-    let store = Store::open_sqlite(&config.store.path).unwrap();
+    let store = if nats {
+        Store::connect_nats(config.nats.as_ref().unwrap()).await.unwrap()
+    } else {
+        Store::open_sqlite(&config.store.path).unwrap()
+    };
     let mut registry = RegistryClient::new(&config);
     registry.set_budget(0.0, 8);
     let (engine, rx) = Engine::new(store, Arc::new(registry), &config, None);
@@ -110,14 +121,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn child(mode: &str, db: &str, host: &str, n: usize, one_stream: bool) {
+async fn child(mode: &str, db: &str, store: &str, host: &str, n: usize, one_stream: bool) {
     let base = rss_mb();
-    let mut text = config_text(db, host, n, one_stream);
+    let mut text = config_text(db, store, host, n, one_stream);
     if mode == "change" {
         // The store's cost, not the registry's: no image details are fetched for the changes.
         text += &format!("[[registry]]\nhost = \"{host}\"\nfetch_details = false\n");
     }
-    let (engine, sched, config) = open(&text);
+    let (engine, sched, config) = open(&text, store != "sqlite").await;
     let after_config = rss_mb();
     match mode {
         "run" => {
@@ -198,16 +209,26 @@ async fn child(mode: &str, db: &str, host: &str, n: usize, one_stream: bool) {
     }
 }
 
-/// Runs one scenario in a fresh process (peak RSS is per process) on a new store.
-async fn run_child(mode: &str, host: &str, n: usize, one_stream: bool) -> serde_json::Value {
+/// Runs one scenario in a fresh process (peak RSS is per process) on a new store (a new
+/// SQLite file, or a new nats-server for `nats`).
+async fn run_child(
+    mode: &str,
+    store: &str,
+    host: &str,
+    n: usize,
+    one_stream: bool,
+) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db").display().to_string();
+    let nats = (store == "nats").then(support::Nats::start);
+    let store = nats.as_ref().map_or("sqlite".to_string(), |n| n.url.clone());
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
         .args([
             "--child",
             mode,
             &db,
+            &store,
             host,
             &n.to_string(),
             if one_stream { "one" } else { "many" },
@@ -240,8 +261,9 @@ fn main() {
             &args[2],
             &args[3],
             &args[4],
-            args[5].parse().unwrap(),
-            args[6] == "one",
+            &args[5],
+            args[6].parse().unwrap(),
+            args[7] == "one",
         ));
         return;
     }
@@ -260,45 +282,54 @@ fn main() {
         println!("registry baseline (plain HTTP loop, 8 connections): HEAD {plain:.0}/s; HEAD with If-None-Match {cond:.0}/s (INM: what a check sends)");
         println!("RSS in MB; peak is the process high-water mark (start-up included), steady is after the trim serve runs once a minute");
         println!();
-        println!(
-            "{:>6}  {:>14}  {:>10}  {:>9}  {:>8}  {:>8}  {:>8}  {:>9}  {:>10}  {:>12}",
-            "tags", "in streams of", "start-up s", "checks/s", "to HEAD", "to INM", "CPU s/1k", "peak RSS", "steady RSS", "start CPU s"
-        );
-        let mut rows = Vec::new();
-        for (n, one) in [(10_000, true), (10_000, false), (4_000, true)] {
-            let r = run_child("run", &reg.host, n, one).await;
-            let rate = n as f64 / r["secs"].as_f64().unwrap();
-            let cpu_per_k = r["cpu"].as_f64().unwrap() / n as f64 * 1000.0;
+        let stores: Vec<String> = std::env::var("ISTREAM_BENCH_STORES")
+            .unwrap_or_else(|_| "sqlite,nats".into())
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        for store in &stores {
+            println!("store: {store}");
             println!(
-                "{n:>6}  {:>14}  {:>10.2}  {rate:>9.0}  {:>8.2}  {:>8.2}  {cpu_per_k:>8.3}  {:>9.1}  {:>10.1}  {:>12.2}",
-                if one { n.to_string() } else { "100".into() },
-                r["startup"].as_f64().unwrap(),
-                rate / plain,
-                rate / cond,
-                r["rss_mb"].as_f64().unwrap(),
-                r["steady_rss_mb"].as_f64().unwrap(),
-                r["startup_cpu"].as_f64().unwrap(),
+                "{:>6}  {:>14}  {:>10}  {:>9}  {:>8}  {:>8}  {:>8}  {:>9}  {:>10}  {:>12}",
+                "tags", "in streams of", "start-up s", "checks/s", "to HEAD", "to INM", "CPU s/1k", "peak RSS", "steady RSS", "start CPU s"
             );
-            rows.push((r, rate));
-        }
-        let (one, many) = (&rows[0], &rows[1]);
-        println!(
-            "one stream / 100 streams: start-up {:.2}x, checks/s {:.2}x, RSS {:.2}x",
-            one.0["startup"].as_f64().unwrap() / many.0["startup"].as_f64().unwrap(),
-            one.1 / many.1,
-            one.0["rss_mb"].as_f64().unwrap() / many.0["rss_mb"].as_f64().unwrap()
-        );
-        println!();
-        println!("per-change store cost (record_import of a new digest, 3,000 changes after 300 warm-up; details off):");
-        println!("{:>22}  {:>9}  {:>9}", "stream", "p50 ms", "p99 ms");
-        for n in [1, 10_000] {
-            let r = run_child("change", &reg.host, n, true).await;
+            let mut rows = Vec::new();
+            for (n, one) in [(10_000, true), (10_000, false), (4_000, true)] {
+                let r = run_child("run", store, &reg.host, n, one).await;
+                let rate = n as f64 / r["secs"].as_f64().unwrap();
+                let cpu_per_k = r["cpu"].as_f64().unwrap() / n as f64 * 1000.0;
+                println!(
+                    "{n:>6}  {:>14}  {:>10.2}  {rate:>9.0}  {:>8.2}  {:>8.2}  {cpu_per_k:>8.3}  {:>9.1}  {:>10.1}  {:>12.2}",
+                    if one { n.to_string() } else { "100".into() },
+                    r["startup"].as_f64().unwrap(),
+                    rate / plain,
+                    rate / cond,
+                    r["rss_mb"].as_f64().unwrap(),
+                    r["steady_rss_mb"].as_f64().unwrap(),
+                    r["startup_cpu"].as_f64().unwrap(),
+                );
+                rows.push((r, rate));
+            }
+            let (one, many) = (&rows[0], &rows[1]);
             println!(
-                "{:>22}  {:>9.3}  {:>9.3}",
-                format!("1 of {n} tags"),
-                r["p50"].as_f64().unwrap(),
-                r["p99"].as_f64().unwrap()
+                "one stream / 100 streams: start-up {:.2}x, checks/s {:.2}x, RSS {:.2}x",
+                one.0["startup"].as_f64().unwrap() / many.0["startup"].as_f64().unwrap(),
+                one.1 / many.1,
+                one.0["rss_mb"].as_f64().unwrap() / many.0["rss_mb"].as_f64().unwrap()
             );
+            println!();
+            println!("per-change store cost (record_import of a new digest, 3,000 changes after 300 warm-up; details off):");
+            println!("{:>22}  {:>9}  {:>9}", "stream", "p50 ms", "p99 ms");
+            for n in [1, 10_000] {
+                let r = run_child("change", store, &reg.host, n, true).await;
+                println!(
+                    "{:>22}  {:>9.3}  {:>9.3}",
+                    format!("1 of {n} tags"),
+                    r["p50"].as_f64().unwrap(),
+                    r["p99"].as_f64().unwrap()
+                );
+            }
+            println!();
         }
     });
 }
