@@ -129,6 +129,15 @@ async fn child(mode: &str, db: &str, store: &str, host: &str, n: usize, one_stre
         text += &format!("[[registry]]\nhost = \"{host}\"\nfetch_details = false\n");
     }
     let (engine, sched, config) = open(&text, store != "sqlite").await;
+    // As `serve` does: the publisher drains the outbox while changes are made (to the
+    // in-process bus here: the store's cost, not the network's).
+    let publisher = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(istream::bus::run_publisher(
+        engine.store().clone(),
+        Arc::new(istream::bus::Bus::InProcess),
+        engine.outbox_wake(),
+        publisher.clone(),
+    ));
     let after_config = rss_mb();
     match mode {
         "run" => {

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 secs="${1:-600}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(reference hooks config)
+[ ${#targets[@]} -gt 0 ] || targets=(reference hooks config auth durations)
 command -v cargo-fuzz >/dev/null || cargo +nightly install cargo-fuzz --locked
 cargo +nightly fuzz build -O
 run() {

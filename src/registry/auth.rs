@@ -169,40 +169,49 @@ impl TokenCache {
                         detail,
                     }
                 })?;
-                #[derive(serde::Deserialize)]
-                struct TokenReply {
-                    token: Option<String>,
-                    access_token: Option<String>,
-                    expires_in: Option<u64>,
-                }
-                let t: TokenReply =
-                    serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidResponse {
+                let (token, ttl) =
+                    token_reply(&body).map_err(|detail| RegistryError::InvalidResponse {
                         registry: registry.into(),
                         what: "token".into(),
-                        detail: format!("token reply is not JSON: {e}"),
+                        detail,
                     })?;
-                let token = t
-                    .token
-                    .or(t.access_token)
-                    .filter(|t| !t.is_empty())
-                    .ok_or_else(|| RegistryError::InvalidResponse {
-                        registry: registry.into(),
-                        what: "token".into(),
-                        detail: "token reply has no token".into(),
-                    })?;
-                // Refresh a little before expiry; the spec's default lifetime is 60 s.
-                let ttl = Duration::from_secs(
-                    t.expires_in
-                        .unwrap_or(60)
-                        .clamp(10, MAX_TOKEN_TTL.as_secs())
-                        - 5,
-                );
                 let value = format!("Bearer {token}");
                 self.put(registry, scope, value.clone(), ttl);
                 Ok(value)
             }
         }
     }
+}
+
+/// A token service's reply: the token, and how long to keep it (refreshed a little before
+/// expiry; the spec's default lifetime is 60 s; bounded either way, whatever it announces).
+fn token_reply(body: &[u8]) -> Result<(String, Duration), String> {
+    #[derive(serde::Deserialize)]
+    struct TokenReply {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let t: TokenReply =
+        serde_json::from_slice(body).map_err(|e| format!("token reply is not JSON: {e}"))?;
+    let token = t
+        .token
+        .or(t.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| "token reply has no token".to_string())?;
+    let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(10, MAX_TOKEN_TTL.as_secs()) - 5);
+    Ok((token, ttl))
+}
+
+/// Fuzzing entry: a `WWW-Authenticate` challenge and a token reply, parsed and cached as a
+/// real authorization would (any input: a value or an error, never a panic).
+#[doc(hidden)]
+pub fn auth_for_fuzz(challenge: &str, reply: &[u8]) -> Option<String> {
+    let _ = Challenge::parse(challenge);
+    let (token, ttl) = token_reply(reply).ok()?;
+    let cache = TokenCache::default();
+    cache.put("fuzz.example", "repository:x:pull", format!("Bearer {token}"), ttl);
+    cache.get("fuzz.example", "repository:x:pull")
 }
 
 fn basic(c: &Credentials) -> String {

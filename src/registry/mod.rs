@@ -5,6 +5,8 @@
 //! tokens are cached per scope until they expire, one connection pool serves all.
 
 mod auth;
+#[doc(hidden)]
+pub use auth::auth_for_fuzz;
 pub mod budget;
 mod credentials;
 mod details;

@@ -13,6 +13,9 @@ use super::*;
 use crate::model::{HistoryEntry, Tag, TagFrom};
 use crate::store::{Loaded, Scope};
 
+/// A head (mostly its unpublished events) stays well inside NATS's default 1 MiB message limit.
+const MAX_HEAD_BYTES: usize = 768 * 1024;
+
 /// Marks a schema-2 head; a schema-1 entry (a whole document) has no `v`.
 pub(super) const HEAD_V: u32 = 2;
 
@@ -604,6 +607,14 @@ impl NatsStore {
             0
         } else {
             let body = serde_json::to_vec(&head).map_err(|e| corrupt("image stream", e))?;
+            if body.len() > MAX_HEAD_BYTES {
+                // Back-pressure, not loss: the change fails (whoever made it retries) until
+                // the publisher has caught up.
+                return Err(StoreError::Backend(format!(
+                    "image stream {key} has {} events not yet published; changes wait until they are (is NATS reachable?)",
+                    head.outbox.len() - c.events.len()
+                )));
+            }
             match self.streams.update(key, body.into(), head_rev).await {
                 Ok(r) => r,
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
