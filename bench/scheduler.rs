@@ -102,7 +102,9 @@ fn config_text(db: &str, store: &str, host: &str, n: usize, one_stream: bool) ->
 async fn open(text: &str, nats: bool) -> (Arc<Engine>, Scheduler, Config) {
     let config = Config::from_str(std::path::Path::new("bench.toml"), text).unwrap();
     let store = if nats {
-        Store::connect_nats(config.nats.as_ref().unwrap()).await.unwrap()
+        Store::connect_nats(config.nats.as_ref().unwrap())
+            .await
+            .unwrap()
     } else {
         Store::open_sqlite(&config.store.path).unwrap()
     };
@@ -230,7 +232,9 @@ async fn run_child(
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db").display().to_string();
     let nats = (store == "nats").then(support::Nats::start);
-    let store = nats.as_ref().map_or("sqlite".to_string(), |n| n.url.clone());
+    let store = nats
+        .as_ref()
+        .map_or("sqlite".to_string(), |n| n.url.clone());
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
         .args([

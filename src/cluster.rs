@@ -216,6 +216,8 @@ struct WatchState {
     /// Ids of events already passed to local `watch` clients.
     recent: HashSet<String>,
     recent_order: VecDeque<String>,
+    /// Spilled changes already read.
+    spills_seen: HashSet<String>,
     /// The bucket's last revision before the scheduler and planner read the store at start:
     /// older entries are what they read themselves.
     start_rev: u64,
@@ -276,7 +278,10 @@ async fn watch_once(
             },
             _ => None,
         };
-        match head.as_ref().filter(|h| !h.outbox.is_empty()) {
+        match head
+            .as_ref()
+            .filter(|h| !h.outbox.is_empty() || !h.spill.is_empty())
+        {
             Some(_) => {
                 st.outbox_since
                     .entry(key.clone())
@@ -286,9 +291,30 @@ async fn watch_once(
                 st.outbox_since.remove(&key);
             }
         }
+        // A change too big for the head is in spill chunks: read each once.
+        let (mut spilled_writes, mut spilled_events) = (Vec::new(), Vec::new());
+        if let Some(h) = &head {
+            for sp in &h.spill {
+                if !st.spills_seen.insert(sp.id.clone()) {
+                    continue;
+                }
+                match store.spilled(&key, sp).await {
+                    Ok((w, e)) => {
+                        spilled_writes.extend(w);
+                        spilled_events.extend(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %key, error = %e, "cannot read a spilled change")
+                    }
+                }
+            }
+            if st.spills_seen.len() > 4096 {
+                st.spills_seen.clear();
+            }
+        }
         let mut events = Vec::new();
         if let Some(h) = &head {
-            for e in &h.outbox {
+            for e in spilled_events.iter().chain(&h.outbox) {
                 let fresh = st.remember(&e.id);
                 if fresh && !local && !initial {
                     events.push(e.clone());
@@ -305,7 +331,9 @@ async fn watch_once(
         let old_generation = seen.generation.replace(meta.generation);
         // The tags this revision wrote, with their digests after it.
         let mut moved = Vec::new();
-        for p in &head.pending {
+        let writes: Vec<&crate::store::nats::Pending> =
+            head.pending.iter().chain(&spilled_writes).collect();
+        for p in &writes {
             let digest = p
                 .record
                 .as_ref()
@@ -326,7 +354,7 @@ async fn watch_once(
             // The tags written with the new generation carry the specs that changed.
             let mut doc = crate::model::ImageStream::new(&meta.namespace, &meta.name, meta.created);
             doc.generation = meta.generation;
-            for p in &head.pending {
+            for p in &writes {
                 if let Some(r) = &p.record {
                     doc.tags.insert(p.tag.clone(), r.tag.clone());
                 }

@@ -2,7 +2,8 @@
 //! ±20% jitter (so replicas and tags that failed together do not retry together), never above
 //! a cap; a `Retry-After` the other side named wins over the formula. Every loop that retries
 //! (scheduled checks, deliveries, the event publisher, push re-checks) uses it, so the rules
-//! are written and tested once.
+//! are written and tested once. `compare_and_set` is the one loop of every optimistic write
+//! (store commits, outbox clearing, trigger state, delivery records, the engine's changes).
 
 use std::time::Duration;
 
@@ -68,6 +69,62 @@ impl Retry {
     }
 }
 
+/// What one attempt of a compare-and-set loop found.
+#[derive(Debug)]
+pub enum Cas<T> {
+    Done(T),
+    /// Another writer came first: read again and retry.
+    Conflict,
+}
+
+/// Waits between conflicts, from the second on: writers that collided spread out.
+const CONFLICTS: Backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(200));
+
+/// The one compare-and-set loop: runs `attempt` (read, change, write on the revision read)
+/// until it is done or has conflicted `max` times (None then); an error ends it at once.
+pub async fn compare_and_set<T, E, Fut>(
+    max: u32,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<Option<T>, E>
+where
+    Fut: Future<Output = Result<Cas<T>, E>>,
+{
+    let mut tries = CasLoop::new(max);
+    while tries.next().await {
+        if let Cas::Done(t) = attempt().await? {
+            return Ok(Some(t));
+        }
+    }
+    Ok(None)
+}
+
+/// The same loop for code that cannot hand its attempt over as a closure (`while
+/// tries.next().await { ... }`; `continue` on a conflict).
+#[derive(Debug)]
+pub struct CasLoop {
+    max: u32,
+    done: u32,
+}
+
+impl CasLoop {
+    pub const fn new(max: u32) -> CasLoop {
+        CasLoop { max, done: 0 }
+    }
+
+    /// Whether to attempt again (false once `max` attempts were made), after the backoff
+    /// from the third attempt on.
+    pub async fn next(&mut self) -> bool {
+        if self.done >= self.max {
+            return false;
+        }
+        if self.done > 1 {
+            tokio::time::sleep(CONFLICTS.delay(self.done - 1)).await;
+        }
+        self.done += 1;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +158,30 @@ mod tests {
         r.succeeded();
         assert_eq!(r.failures(), 0);
         assert!(r.failed(None) <= Duration::from_millis(120));
+    }
+
+    #[tokio::test]
+    async fn compare_and_set_retries_conflicts_and_stops_at_errors() {
+        let tries = std::cell::Cell::new(0);
+        let done = compare_and_set(5, || async {
+            tries.set(tries.get() + 1);
+            Ok::<_, ()>(if tries.get() < 3 {
+                Cas::Conflict
+            } else {
+                Cas::Done(tries.get())
+            })
+        })
+        .await;
+        assert_eq!(done, Ok(Some(3)));
+        let gave_up = compare_and_set(4, || async { Ok::<Cas<()>, ()>(Cas::Conflict) }).await;
+        assert_eq!(gave_up, Ok(None));
+        let calls = std::cell::Cell::new(0);
+        let failed = compare_and_set(4, || async {
+            calls.set(calls.get() + 1);
+            Err::<Cas<()>, _>("broken")
+        })
+        .await;
+        assert_eq!((failed, calls.get()), (Err("broken"), 1));
     }
 
     #[test]

@@ -389,7 +389,8 @@ impl Engine {
     where
         F: Fn(&mut ImageStream) -> Result<(), CoreError>,
     {
-        for _ in 0..20 {
+        let mut tries = crate::retry::CasLoop::new(20);
+        while tries.next().await {
             let (before, rev, tag_revs) = match self.store.load(&name.key(), scope.clone()).await? {
                 Some(l) => (Some(l.doc), Some(l.rev), l.tag_revs),
                 None if create => (None, None, BTreeMap::new()),
@@ -1303,7 +1304,8 @@ impl Engine {
 
     /// Deletes a whole stream (API `DELETE /streams/{ns}/{name}`).
     pub async fn delete_stream(&self, name: &StreamName) -> Result<(), CoreError> {
-        for _ in 0..20 {
+        let mut tries = crate::retry::CasLoop::new(20);
+        while tries.next().await {
             let Some((doc, rev)) = self.store.get(&name.key()).await? else {
                 return Err(CoreError::NotFound(format!(
                     "image stream {name} not found"

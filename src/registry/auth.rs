@@ -199,7 +199,12 @@ fn token_reply(body: &[u8]) -> Result<(String, Duration), String> {
         .or(t.access_token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| "token reply has no token".to_string())?;
-    let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(10, MAX_TOKEN_TTL.as_secs()) - 5);
+    let ttl = Duration::from_secs(
+        t.expires_in
+            .unwrap_or(60)
+            .clamp(10, MAX_TOKEN_TTL.as_secs())
+            - 5,
+    );
     Ok((token, ttl))
 }
 
@@ -210,7 +215,12 @@ pub fn auth_for_fuzz(challenge: &str, reply: &[u8]) -> Option<String> {
     let _ = Challenge::parse(challenge);
     let (token, ttl) = token_reply(reply).ok()?;
     let cache = TokenCache::default();
-    cache.put("fuzz.example", "repository:x:pull", format!("Bearer {token}"), ttl);
+    cache.put(
+        "fuzz.example",
+        "repository:x:pull",
+        format!("Bearer {token}"),
+        ttl,
+    );
     cache.get("fuzz.example", "repository:x:pull")
 }
 

@@ -167,6 +167,7 @@ pub async fn behaviour(store: Store) {
     assert_eq!(sum.last_fired.len(), 1, "trigger state is not a delivery");
     assert!(store.claim_due(5, 10).await.unwrap().is_empty());
     per_tag_changes(&store).await;
+    big_changes(&store).await;
     // push hints: recorded (a repeat replaces), listed, dropped
     let hint = |tag: &str| Hint {
         registry: "r.example".into(),
@@ -203,6 +204,84 @@ pub async fn behaviour(store: Store) {
         .await
         .unwrap();
     assert!(store.get("default/s").await.unwrap().is_none());
+}
+
+/// Publishes whatever is in the outbox; returns how many events that was.
+async fn drain(store: &Store) -> usize {
+    let pending = store.pending_events(100_000).await.unwrap();
+    let n = pending.len();
+    store
+        .mark_published(pending.into_iter().map(|(s, _)| s).collect())
+        .await
+        .unwrap();
+    n
+}
+
+/// A change of thousands of tags with thousands of events at once (a big stream created,
+/// deleted): committed whole, every event published once.
+async fn big_changes(store: &Store) {
+    drain(store).await;
+    let key = "default/big";
+    let n = 3000u32;
+    let mut s = ImageStream::new("default", "big", Utc::now());
+    let mut events = Vec::new();
+    for i in 0..n {
+        let name = format!("t{i}");
+        s.set_spec(
+            &name,
+            TagSpec::new(TagFrom::Image(format!("r.example/big:{name}"))),
+        );
+        s.tags.get_mut(&name).unwrap().record(entry(i));
+        events.push(event(&name, &format!("d{i}")));
+    }
+    store
+        .commit(Commit {
+            key: key.into(),
+            expected_rev: None,
+            doc: Some(s),
+            events: events.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let l = store.load(key, Scope::Heads).await.unwrap().unwrap();
+    assert_eq!(l.doc.tags.len(), n as usize);
+    let (_, t) = store.tag(key, "t17").await.unwrap().unwrap();
+    assert_eq!(t.history, vec![entry(17)]);
+    let pending = store.pending_events(100_000).await.unwrap();
+    let ids: std::collections::BTreeSet<&str> =
+        pending.iter().map(|(_, e)| e.id.as_str()).collect();
+    assert_eq!(ids.len(), n as usize, "every event of the big change, once");
+    assert_eq!(drain(store).await, n as usize);
+    assert_eq!(
+        drain(store).await,
+        0,
+        "published means gone from the outbox"
+    );
+    // a change of one tag after it is cheap and ordinary
+    change(store, key, Scope::Tags(vec!["t5".into()]), 0, |d| {
+        d.tags.get_mut("t5").unwrap().record(entry(n + 5));
+    })
+    .await
+    .unwrap();
+    let (_, t) = store.tag(key, "t5").await.unwrap().unwrap();
+    assert_eq!(t.history, vec![entry(n + 5), entry(5)]);
+    // deleting it: a tombstone holds its thousands of events until they are published
+    let rev = store.get(key).await.unwrap().unwrap().1;
+    let gone: Vec<Event> = (0..n).map(|i| event(&format!("t{i}"), "gone")).collect();
+    store
+        .commit(Commit {
+            key: key.into(),
+            expected_rev: Some(rev),
+            doc: None,
+            events: gone,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(store.get(key).await.unwrap().is_none());
+    assert_eq!(drain(store).await, n as usize, "the deletions");
+    assert_eq!(drain(store).await, 0);
 }
 
 fn entry(n: u32) -> HistoryEntry {

@@ -41,23 +41,26 @@ impl NatsStore {
     async fn update_record(
         &self,
         key: &str,
-        mut f: impl FnMut(&mut DeliveryRecord) -> bool,
+        f: impl Fn(&mut DeliveryRecord) -> bool,
     ) -> Result<(), StoreError> {
-        for _ in 0..20 {
+        use crate::retry::{Cas, compare_and_set};
+        let f = &f;
+        let done = compare_and_set(20, || async move {
             let Some((mut rec, rev)) = self.delivery_record(key).await? else {
-                return Ok(());
+                return Ok(Cas::Done(()));
             };
             if !f(&mut rec) {
-                return Ok(());
+                return Ok(Cas::Done(()));
             }
             let body = serde_json::to_vec(&rec).map_err(|e| corrupt("delivery record", e))?;
             match self.deliveries.update(key, body.into(), rev).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(backend("delivery write", e)),
+                Ok(_) => Ok(Cas::Done(())),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Cas::Conflict),
+                Err(e) => Err(backend("delivery write", e)),
             }
-        }
-        Err(StoreError::Conflict(format!("delivery {key}")))
+        })
+        .await?;
+        done.ok_or_else(|| StoreError::Conflict(format!("delivery {key}")))
     }
 
     async fn enqueue(&self, key: &str, msg_id: &str) -> Result<(), StoreError> {
@@ -90,10 +93,12 @@ impl NatsStore {
     async fn fire_one(&self, r: &FireRequest, now_ms: i64) -> Result<FireOutcome, StoreError> {
         let digest = r.event.data.digest.clone().unwrap_or_default();
         let state_key = short_hash(&[&r.trigger, &r.tag]);
-        for _ in 0..20 {
-            let current = self.fired_state(&state_key).await?;
-            if current.as_ref().is_some_and(|(s, _)| s.digest == digest) {
-                return Ok(FireOutcome::Unchanged);
+        use crate::retry::{Cas, compare_and_set};
+        let (digest, state_key) = (&digest, &state_key);
+        let done = compare_and_set(20, || async move {
+            let current = self.fired_state(state_key).await?;
+            if current.as_ref().is_some_and(|(s, _)| s.digest == *digest) {
+                return Ok(Cas::Done(FireOutcome::Unchanged));
             }
             let initial_skip = current.is_none() && r.skip_initial;
             let mut delivery = None;
@@ -162,24 +167,22 @@ impl NatsStore {
                         && let Some(old_key) = old.delivery
                         && Some(&old_key) != delivery.as_ref()
                     {
-                        self.update_record(&old_key, |d| supersede(d, &digest))
+                        self.update_record(&old_key, |d| supersede(d, digest))
                             .await?;
                     }
-                    return Ok(if initial_skip {
+                    Ok(Cas::Done(if initial_skip {
                         FireOutcome::Recorded
                     } else {
                         FireOutcome::Fired
-                    });
+                    }))
                 }
                 // Another replica planned the same tag meanwhile: look again.
-                Err((true, _)) => continue,
-                Err((false, e)) => return Err(backend("trigger state write", e)),
+                Err((true, _)) => Ok(Cas::Conflict),
+                Err((false, e)) => Err(backend("trigger state write", e)),
             }
-        }
-        Err(StoreError::Conflict(format!(
-            "trigger {} on {}",
-            r.trigger, r.tag
-        )))
+        })
+        .await?;
+        done.ok_or_else(|| StoreError::Conflict(format!("trigger {} on {}", r.trigger, r.tag)))
     }
 
     pub async fn complete_and_claim(
@@ -203,11 +206,11 @@ impl NatsStore {
         let Some((key, msg)) = lock(&self.inflight).remove(&d.id) else {
             return Ok(());
         };
-        let mut state = d.state;
+        let state = Mutex::new(d.state);
         self.update_record(&key, |r| {
             // A retry of an image that was superseded meanwhile stays superseded.
             if r.state == DeliveryState::Superseded && d.state == DeliveryState::Pending {
-                state = DeliveryState::Superseded;
+                *lock(&state) = DeliveryState::Superseded;
             } else {
                 r.state = d.state;
             }
@@ -219,6 +222,7 @@ impl NatsStore {
             true
         })
         .await?;
+        let state = *lock(&state);
         let kind = match state {
             DeliveryState::Pending | DeliveryState::Inflight => {
                 let delay = (d.next_at - chrono::Utc::now().timestamp_millis()).max(0);

@@ -36,6 +36,27 @@ pub struct Head {
     /// with it, as aliases follow their source).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub links: BTreeMap<String, BTreeSet<String>>,
+    /// Changes too big for the head (their tag writes and events), in `<S>_SPILL` chunks,
+    /// until their events are published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spill: Vec<Spill>,
+}
+
+/// A change kept in `<S>_SPILL`, keys `<stream>.<id>.<n>` for `n` in `0..chunks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spill {
+    pub id: String,
+    pub chunks: u32,
+    pub events: u32,
+}
+
+/// One `<S>_SPILL` entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(super) struct SpillChunk {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<Pending>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Event>,
 }
 
 /// The stream's own record.
@@ -341,7 +362,104 @@ impl NatsStore {
                 self.apply(stream, p).await?;
             }
         }
+        self.settle_spills(stream, head).await
+    }
+
+    /// Applies the tag writes of the head's spilled changes (once per change and replica).
+    async fn settle_spills(&self, stream: &str, head: &Head) -> Result<(), StoreError> {
+        for sp in &head.spill {
+            if lock(&self.spills_applied).contains(&sp.id) {
+                continue;
+            }
+            let (pending, _) = self.spilled(stream, sp).await?;
+            for group in pending.chunks(32) {
+                futures_util::future::try_join_all(group.iter().map(|p| self.apply(stream, p)))
+                    .await?;
+            }
+            let mut done = lock(&self.spills_applied);
+            if done.len() > 4096 {
+                done.clear();
+            }
+            done.insert(sp.id.clone());
+        }
         Ok(())
+    }
+
+    /// A spilled change's tag writes and events.
+    pub async fn spilled(
+        &self,
+        stream: &str,
+        sp: &Spill,
+    ) -> Result<(Vec<Pending>, Vec<Event>), StoreError> {
+        let what = format!("change {} of {stream}", sp.id);
+        let (mut pending, mut events) = (Vec::new(), Vec::new());
+        for n in 0..sp.chunks {
+            let key = format!("{}.{}.{n}", token(stream), sp.id);
+            let (_, Some(v)) = entry(&self.spill, &key, &what).await? else {
+                return Err(corrupt(
+                    &what,
+                    format!("chunk {n} of {} is missing", sp.chunks),
+                ));
+            };
+            let chunk: SpillChunk = serde_json::from_slice(&v).map_err(|e| corrupt(&what, e))?;
+            pending.extend(chunk.pending);
+            events.extend(chunk.events);
+        }
+        Ok((pending, events))
+    }
+
+    /// Writes a big change's tag writes and events as chunks of at most ~256 KiB.
+    async fn write_spill(
+        &self,
+        stream: &str,
+        pending: Vec<Pending>,
+        events: Vec<Event>,
+    ) -> Result<Spill, StoreError> {
+        const CHUNK: usize = 256 * 1024;
+        let id = new_inc();
+        let n_events = events.len() as u32;
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        let mut cur = SpillChunk::default();
+        let mut size = 0;
+        let items = pending
+            .into_iter()
+            .map(|p| (Some(p), None))
+            .chain(events.into_iter().map(|e| (None, Some(e))));
+        for (p, e) in items {
+            let len = match (&p, &e) {
+                (Some(p), _) => serde_json::to_vec(p).map(|v| v.len()),
+                (_, Some(e)) => serde_json::to_vec(e).map(|v| v.len()),
+                _ => Ok(0),
+            }
+            .map_err(|x| corrupt("spilled change", x))?;
+            if size + len > CHUNK && size > 0 {
+                chunks.push(serde_json::to_vec(&cur).map_err(|x| corrupt("spilled change", x))?);
+                cur = SpillChunk::default();
+                size = 0;
+            }
+            size += len;
+            cur.pending.extend(p);
+            cur.events.extend(e);
+        }
+        chunks.push(serde_json::to_vec(&cur).map_err(|x| corrupt("spilled change", x))?);
+        let count = chunks.len() as u32;
+        let what = format!("change {id} of {stream}");
+        futures_util::future::try_join_all(chunks.into_iter().enumerate().map(|(n, body)| {
+            let key = format!("{}.{id}.{n}", token(stream));
+            let what = &what;
+            async move {
+                self.spill
+                    .put(&key, body.into())
+                    .await
+                    .map_err(|e| backend(&format!("write of {what}"), e))
+            }
+        }))
+        .await?;
+        Ok(Spill {
+            id,
+            chunks: count,
+            events: n_events,
+        })
     }
 
     /// The live head of a stream with its pending writes applied (None: no such stream).
@@ -510,21 +628,20 @@ impl NatsStore {
         check_key(&c.key)?;
         let stream_lock = self.stream_lock(&c.key);
         let _one_at_a_time = stream_lock.lock().await;
-        let retry =
-            crate::retry::Backoff::new(Duration::from_millis(2), Duration::from_millis(200));
-        for attempt in 0..50u32 {
+        use crate::retry::{Cas, compare_and_set};
+        let done = compare_and_set(50, || async move {
             match self.try_commit(c).await {
                 Err(StoreError::Conflict(k)) if k.is_empty() => {
                     // Another replica wrote the head between our read and write: read again.
                     lock(&self.heads).remove(&c.key);
-                    if attempt > 0 {
-                        tokio::time::sleep(retry.delay(attempt)).await;
-                    }
+                    Ok(Cas::Conflict)
                 }
-                other => return other,
+                Ok(rev) => Ok(Cas::Done(rev)),
+                Err(e) => Err(e),
             }
-        }
-        Err(StoreError::Conflict(c.key.clone()))
+        })
+        .await?;
+        done.ok_or_else(|| StoreError::Conflict(c.key.clone()))
     }
 
     /// One attempt; `Conflict("")` means the head moved under it (retry).
@@ -569,10 +686,16 @@ impl NatsStore {
                     Some(w) => w.clone(),
                     None => self.whole_doc_writes(key, doc, live.is_some()).await?,
                 };
-                for w in &writes {
-                    let p = self
-                        .pending_for(key, w, c.tags.is_some(), c.max_history)
-                        .await?;
+                // The tags' current records, read side by side (none to read in a new stream).
+                let fresh = live.is_none();
+                let mut pendings: Vec<Option<Pending>> = Vec::with_capacity(writes.len());
+                for group in writes.chunks(32) {
+                    let reads = group
+                        .iter()
+                        .map(|w| self.pending_for(key, w, c.tags.is_some(), c.max_history, fresh));
+                    pendings.extend(futures_util::future::try_join_all(reads).await?);
+                }
+                for (w, p) in writes.iter().zip(pendings) {
                     let Some(p) = p else { return Err(conflict()) };
                     for followers in head.links.values_mut() {
                         followers.remove(&w.name);
@@ -590,7 +713,7 @@ impl NatsStore {
         }
         head.outbox.extend(c.events.iter().cloned());
         // Write the head: the change is committed when this lands.
-        let new_rev = if head.meta.is_none() && head.outbox.is_empty() {
+        let new_rev = if head.meta.is_none() && head.outbox.is_empty() && head.spill.is_empty() {
             if old.is_some() {
                 match self
                     .streams
@@ -606,7 +729,16 @@ impl NatsStore {
             }
             0
         } else {
-            let body = serde_json::to_vec(&head).map_err(|e| corrupt("image stream", e))?;
+            let mut body = serde_json::to_vec(&head).map_err(|e| corrupt("image stream", e))?;
+            if body.len() > MAX_HEAD_BYTES {
+                // A big change (thousands of tags or events) goes to spill chunks, written
+                // before the head that names them: still one compare-and-set commits it.
+                let events = head.outbox.split_off(head.outbox.len() - c.events.len());
+                let pending = std::mem::take(&mut head.pending);
+                head.spill
+                    .push(self.write_spill(key, pending, events).await?);
+                body = serde_json::to_vec(&head).map_err(|e| corrupt("image stream", e))?;
+            }
             if body.len() > MAX_HEAD_BYTES {
                 // Back-pressure, not loss: the change fails (whoever made it retries) until
                 // the publisher has caught up.
@@ -632,7 +764,7 @@ impl NatsStore {
                 heads.insert(key.to_string(), (new_rev, head.clone()));
             }
         }
-        if !head.outbox.is_empty() {
+        if !head.outbox.is_empty() || !head.spill.is_empty() {
             lock(&self.dirty).insert(key.to_string());
         }
         if self.stop_after_head.load(Ordering::Relaxed) {
@@ -704,8 +836,13 @@ impl NatsStore {
         w: &TagWrite,
         check: bool,
         max_history: usize,
+        fresh: bool,
     ) -> Result<Option<Pending>, StoreError> {
-        let (base, cur) = self.tag_record(key, &w.name).await?;
+        let (base, cur) = if fresh {
+            (0, None)
+        } else {
+            self.tag_record(key, &w.name).await?
+        };
         let cur_rev = cur.as_ref().map(|_| base as i64);
         if check && cur_rev != w.expected_rev {
             return Ok(None);
@@ -763,18 +900,32 @@ impl NatsStore {
             if out.len() >= limit {
                 break;
             }
-            let outbox = match self.head_cached(&key).await? {
-                (_, Some(h)) => h.outbox,
-                (_, None) => Vec::new(),
+            let (outbox, spills) = match self.head_cached(&key).await? {
+                (_, Some(h)) => (h.outbox, h.spill),
+                (_, None) => (Vec::new(), Vec::new()),
             };
-            if outbox.is_empty() {
+            if outbox.is_empty() && spills.is_empty() {
                 lock(&self.dirty).remove(&key);
                 continue;
             }
+            // Spilled changes first: they were committed before anything still in the outbox.
+            let mut events: Vec<(Option<String>, Event)> = Vec::new();
+            for sp in &spills {
+                let (_, evs) = self.spilled(&key, sp).await?;
+                events.extend(evs.into_iter().map(|e| (Some(sp.id.clone()), e)));
+            }
+            events.extend(outbox.into_iter().map(|e| (None, e)));
             let mut handed = lock(&self.handed_out);
-            for e in outbox {
+            for (spill, e) in events {
                 let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                handed.insert(seq, (key.clone(), e.id.clone()));
+                handed.insert(
+                    seq,
+                    HandedOut {
+                        key: key.clone(),
+                        id: e.id.clone(),
+                        spill,
+                    },
+                );
                 out.push((seq, e));
             }
         }
@@ -791,30 +942,50 @@ impl NatsStore {
         let mut by_key: HashMap<String, BTreeSet<String>> = HashMap::new();
         {
             let mut handed = lock(&self.handed_out);
+            let mut spilled = lock(&self.spill_published);
             for s in seqs {
-                if let Some((k, id)) = handed.remove(s) {
-                    by_key.entry(k).or_default().insert(id);
+                if let Some(HandedOut { key: k, id, spill }) = handed.remove(s) {
+                    match spill {
+                        Some(sp) => {
+                            spilled.entry(sp).or_default().insert(id);
+                            by_key.entry(k).or_default();
+                        }
+                        None => {
+                            by_key.entry(k).or_default().insert(id);
+                        }
+                    }
                 }
             }
         }
         for (key, ids) in by_key {
             let stream_lock = self.stream_lock(&key);
             let _one_at_a_time = stream_lock.lock().await;
-            for _ in 0..20 {
-                let (rev, Some(mut head)) = self.head_cached(&key).await? else {
-                    lock(&self.dirty).remove(&key);
-                    break;
+            let (key, ids) = (&key, &ids);
+            crate::retry::compare_and_set(20, || async move {
+                use crate::retry::Cas;
+                let (rev, Some(mut head)) = self.head_cached(key).await? else {
+                    lock(&self.dirty).remove(key);
+                    return Ok(Cas::Done(()));
                 };
-                let before = head.outbox.len();
+                let before = (head.outbox.len(), head.spill.len());
                 head.outbox.retain(|e| !ids.contains(&e.id));
-                if head.outbox.len() == before {
-                    break;
+                let published: Vec<String> = {
+                    let spilled = lock(&self.spill_published);
+                    head.spill
+                        .iter()
+                        .filter(|sp| spilled.get(&sp.id).is_some_and(|p| p.len() >= sp.events as usize))
+                        .map(|sp| sp.id.clone())
+                        .collect()
+                };
+                if (head.outbox.len(), head.spill.len() - published.len()) == before {
+                    return Ok(Cas::Done(()));
                 }
-                self.settle(&key, &head, None).await?;
+                self.settle(key, &head, None).await?;
                 head.pending.clear();
-                let res = if head.meta.is_none() && head.outbox.is_empty() {
+                head.spill.retain(|sp| !published.contains(&sp.id));
+                let res = if head.meta.is_none() && head.outbox.is_empty() && head.spill.is_empty() {
                     self.streams
-                        .delete_expect_revision(&key, Some(rev))
+                        .delete_expect_revision(key, Some(rev))
                         .await
                         .map(|_| 0)
                         .map_err(|e| match e.kind() {
@@ -824,7 +995,7 @@ impl NatsStore {
                 } else {
                     let body = serde_json::to_vec(&head).map_err(|e| corrupt("image stream", e))?;
                     self.streams
-                        .update(&key, body.into(), rev)
+                        .update(key, body.into(), rev)
                         .await
                         .map_err(|e| match e.kind() {
                             kv::UpdateErrorKind::WrongLastRevision => None,
@@ -833,26 +1004,34 @@ impl NatsStore {
                 };
                 match res {
                     Ok(new_rev) => {
-                        self.mark_local(&key, new_rev);
-                        let empty = head.outbox.is_empty();
+                        self.mark_local(key, new_rev);
+                        for id in &published {
+                            lock(&self.spill_published).remove(id);
+                            let chunks = format!("{}.{id}.*", token(key));
+                            if let Err(e) = purge(&self.spill, &chunks, key).await {
+                                tracing::warn!(stream = %key, error = %e, "a published change's spill chunks stay behind");
+                            }
+                        }
+                        let empty = head.outbox.is_empty() && head.spill.is_empty();
                         let mut heads = lock(&self.heads);
                         if new_rev == 0 {
-                            heads.remove(&key);
+                            heads.remove(key);
                         } else {
                             heads.insert(key.clone(), (new_rev, head));
                         }
                         if empty {
-                            lock(&self.dirty).remove(&key);
+                            lock(&self.dirty).remove(key);
                         }
-                        break;
+                        Ok(Cas::Done(()))
                     }
                     Err(None) => {
-                        lock(&self.heads).remove(&key);
-                        continue;
+                        lock(&self.heads).remove(key);
+                        Ok(Cas::Conflict)
                     }
-                    Err(Some(e)) => return Err(e),
+                    Err(Some(e)) => Err(e),
                 }
-            }
+            })
+            .await?;
         }
         Ok(())
     }

@@ -14,6 +14,9 @@
 //!   change, so applying twice or late changes nothing). A check that finds the known digest
 //!   touches none of this; a change writes what it changed, whatever the stream's size.
 //! - `<S>_HISTORY` (key-value): one entry per history entry, `<stream>.<tag>.<incarnation>.<seq>`.
+//! - `<S>_SPILL` (key-value): a change too big for the head (thousands of tags or events at
+//!   once) in chunks, written before the head that names them, kept until its events are
+//!   published.
 //! - A deleted stream leaves a tombstone head holding the `tag.deleted` events until they are
 //!   published.
 //! - `<S>_META` (key-value): `schema`, the layout version; read first at every start, so a
@@ -47,7 +50,7 @@ mod documents;
 mod upgrade;
 mod watch;
 
-pub use documents::Head;
+pub use documents::{Head, Pending};
 
 use super::{
     Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError, TagWrite,
@@ -110,6 +113,13 @@ impl DeliveryRecord {
     }
 }
 
+/// An event handed to the publisher: its stream, its id, and the spilled change holding it.
+struct HandedOut {
+    key: String,
+    id: String,
+    spill: Option<String>,
+}
+
 /// The body of a work message: which delivery record to attempt.
 #[derive(Serialize, Deserialize)]
 struct WorkItem {
@@ -136,10 +146,15 @@ pub struct NatsStore {
     locks: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     /// Pending tag writes (tag key, revision before the write) known to be applied.
     applied: Mutex<std::collections::HashSet<(String, u64)>>,
+    /// Spilled changes whose tag writes are known to be applied, and the events of each
+    /// spilled change published so far.
+    spills_applied: Mutex<std::collections::HashSet<String>>,
+    spill_published: Mutex<HashMap<String, std::collections::HashSet<String>>>,
+    spill: kv::Store,
     /// Streams whose outbox this replica publishes.
     dirty: Mutex<BTreeSet<String>>,
-    /// `pending_events` sequence → (stream key, event id), until marked published.
-    handed_out: Mutex<HashMap<i64, (String, String)>>,
+    /// `pending_events` sequence → the event handed out, until marked published.
+    handed_out: Mutex<HashMap<i64, HandedOut>>,
     next_seq: AtomicI64,
     /// Work messages being attempted here, by local attempt number, to ack when the attempt is recorded.
     inflight: Mutex<HashMap<i64, (String, jetstream::Message)>>,
@@ -274,6 +289,7 @@ impl NatsStore {
         let streams = kv_open(bucket("STREAMS", Duration::ZERO)).await?;
         let tags = kv_open(bucket("TAGS", Duration::ZERO)).await?;
         let history = kv_open(bucket("HISTORY", Duration::ZERO)).await?;
+        let spill = kv_open(bucket("SPILL", Duration::ZERO)).await?;
         let triggers = kv_open(bucket("TRIGGERS", Duration::ZERO)).await?;
         // No age limit (set again at every start, so a bucket made with one loses it): pending
         // and dead deliveries stay until settled or retried, settled ones until
@@ -321,6 +337,9 @@ impl NatsStore {
             heads: Mutex::default(),
             locks: Mutex::default(),
             applied: Mutex::default(),
+            spills_applied: Mutex::default(),
+            spill_published: Mutex::default(),
+            spill,
             dirty: Mutex::default(),
             handed_out: Mutex::default(),
             next_seq: AtomicI64::new(1),
