@@ -344,5 +344,9 @@ fn main() {
             }
             println!();
         }
+        // The registry's rate again: a baseline that moved during the run says so.
+        let plain_after = baseline(&reg.host, None, 5).await;
+        let cond_after = baseline(&reg.host, Some(&digest), 5).await;
+        println!("registry baseline again at the end: HEAD {plain_after:.0}/s; HEAD with If-None-Match {cond_after:.0}/s");
     });
 }
