@@ -662,6 +662,14 @@ impl NatsStore {
         let mut head = old.clone().unwrap_or_default();
         head.v = HEAD_V;
         head.pending.clear();
+        // Spilled changes without events are done once applied (settled above).
+        let finished: Vec<String> = head
+            .spill
+            .iter()
+            .filter(|sp| sp.events == 0)
+            .map(|sp| sp.id.clone())
+            .collect();
+        head.spill.retain(|sp| sp.events > 0);
         if live.is_none() {
             // A new stream starts clean of what a deleted one of the same name left behind.
             head.links.clear();
@@ -771,11 +779,39 @@ impl NatsStore {
             return Ok(head.meta.map_or(0, |m| m.rev));
         }
         // Land the tag writes now; a failure here is repaired by the next reader or writer.
-        let applied =
+        let applied = async {
             futures_util::future::try_join_all(head.pending.iter().map(|p| self.apply(key, p)))
-                .await;
-        if let Err(e) = applied {
+                .await?;
+            self.settle_spills(key, &head).await
+        }
+        .await;
+        if let Err(e) = &applied {
             tracing::warn!(stream = key, error = %e, "a committed change's tag writes are not all applied yet; the next read applies them");
+        }
+        let mut finished = finished;
+        if applied.is_ok() && new_rev != 0 && head.spill.iter().any(|sp| sp.events == 0) {
+            // A big change without events is done now that it is applied: take it off the
+            // head at once (if another write came first, that write took it off).
+            let mut lighter = head.clone();
+            finished.extend(
+                lighter
+                    .spill
+                    .iter()
+                    .filter(|sp| sp.events == 0)
+                    .map(|sp| sp.id.clone()),
+            );
+            lighter.spill.retain(|sp| sp.events > 0);
+            lighter.pending.clear();
+            let body = serde_json::to_vec(&lighter).map_err(|e| corrupt("image stream", e))?;
+            if let Ok(r) = self.streams.update(key, body.into(), new_rev).await {
+                self.mark_local(key, r);
+                lock(&self.heads).insert(key.to_string(), (r, lighter));
+            }
+        }
+        for id in &finished {
+            if let Err(e) = purge(&self.spill, &format!("{}.{id}.*", token(key)), key).await {
+                tracing::warn!(stream = key, error = %e, "a finished change's spill chunks stay behind");
+            }
         }
         if deleted_all {
             let cleaned = async {
@@ -904,13 +940,13 @@ impl NatsStore {
                 (_, Some(h)) => (h.outbox, h.spill),
                 (_, None) => (Vec::new(), Vec::new()),
             };
-            if outbox.is_empty() && spills.is_empty() {
+            if outbox.is_empty() && spills.iter().all(|sp| sp.events == 0) {
                 lock(&self.dirty).remove(&key);
                 continue;
             }
             // Spilled changes first: they were committed before anything still in the outbox.
             let mut events: Vec<(Option<String>, Event)> = Vec::new();
-            for sp in &spills {
+            for sp in spills.iter().filter(|sp| sp.events > 0) {
                 let (_, evs) = self.spilled(&key, sp).await?;
                 events.extend(evs.into_iter().map(|e| (Some(sp.id.clone()), e)));
             }
