@@ -322,11 +322,10 @@ async fn watch_once(
             }
         }
         engine.remote_change(events, None, Vec::new());
-        let Some(meta) = head.as_ref().and_then(|h| h.meta.as_ref()) else {
+        let Some((head, meta)) = head.as_ref().and_then(|h| Some((h, h.meta.as_ref()?))) else {
             st.seen.remove(&key);
             continue;
         };
-        let head = head.as_ref().expect("meta comes from the head");
         let seen = st.seen.entry(key.clone()).or_default();
         let old_generation = seen.generation.replace(meta.generation);
         // The tags this revision wrote, with their digests after it.

@@ -206,6 +206,20 @@ pub async fn behaviour(store: Store) {
     assert!(store.get("default/s").await.unwrap().is_none());
 }
 
+/// Creates a stream as a whole, with the events given.
+async fn create(store: &Store, key: &str, doc: ImageStream, events: Vec<Event>) {
+    store
+        .commit(Commit {
+            key: key.into(),
+            expected_rev: None,
+            doc: Some(doc),
+            events,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// Publishes whatever is in the outbox; returns how many events that was.
 async fn drain(store: &Store) -> usize {
     let pending = store.pending_events(100_000).await.unwrap();
@@ -234,16 +248,7 @@ async fn big_changes(store: &Store) {
         s.tags.get_mut(&name).unwrap().record(entry(i));
         events.push(event(&name, &format!("d{i}")));
     }
-    store
-        .commit(Commit {
-            key: key.into(),
-            expected_rev: None,
-            doc: Some(s),
-            events: events.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(store, key, s, events).await;
     let l = store.load(key, Scope::Heads).await.unwrap().unwrap();
     assert_eq!(l.doc.tags.len(), n as usize);
     let (_, t) = store.tag(key, "t17").await.unwrap().unwrap();
@@ -336,15 +341,7 @@ async fn per_tag_changes(store: &Store) {
     s.set_spec("c", TagSpec::new(TagFrom::Image("r.example/p:c".into())));
     s.tags.get_mut("a").unwrap().record(entry(1));
     s.tags.get_mut("b").unwrap().record(entry(1));
-    store
-        .commit(Commit {
-            key: key.into(),
-            expected_rev: None,
-            doc: Some(s),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(store, key, s, Vec::new()).await;
     // b's closure holds its source a
     let l = store
         .load(key, Scope::Tags(vec!["b".into()]))
@@ -434,15 +431,7 @@ pub async fn unapplied_writes_roll_forward(first: Store, second: Store) {
     s.set_spec("a", TagSpec::new(TagFrom::Image("r.example/p:a".into())));
     s.set_spec("b", TagSpec::new(TagFrom::Image("r.example/p:b".into())));
     s.tags.get_mut("a").unwrap().record(entry(1));
-    first
-        .commit(Commit {
-            key: key.into(),
-            expected_rev: None,
-            doc: Some(s),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&first, key, s, Vec::new()).await;
     n.stop_after_head_write(true);
     change(&first, key, Scope::Tags(vec!["a".into()]), 0, |d| {
         d.tags.get_mut("a").unwrap().record(entry(2));

@@ -28,8 +28,8 @@ pub struct Head {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<Event>,
     /// The tag writes committed with this head, which may not all be applied to `<S>_TAGS` and
-    /// `<S>_HISTORY` yet (a crash right after the head's write): whoever writes the head next
-    /// applies them first, and readers apply those of the tags they read.
+    /// `<S>_HISTORY` yet (a crash right after the head's write): whoever reads the stream or
+    /// writes the head next applies them first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<Pending>,
     /// Same-stream links: tag → the tags whose spec copies or follows it (a change loads them
@@ -350,17 +350,10 @@ impl NatsStore {
         Ok(())
     }
 
-    /// Applies the head's pending writes (those of `only` tags, when given).
-    async fn settle(
-        &self,
-        stream: &str,
-        head: &Head,
-        only: Option<&BTreeSet<String>>,
-    ) -> Result<(), StoreError> {
+    /// Applies the head's pending writes, its spilled ones included.
+    async fn settle(&self, stream: &str, head: &Head) -> Result<(), StoreError> {
         for p in &head.pending {
-            if only.is_none_or(|o| o.contains(&p.tag)) {
-                self.apply(stream, p).await?;
-            }
+            self.apply(stream, p).await?;
         }
         self.settle_spills(stream, head).await
     }
@@ -468,7 +461,7 @@ impl NatsStore {
         let Some(head) = head.filter(|h| h.meta.is_some()) else {
             return Ok(None);
         };
-        self.settle(key, &head, None).await?;
+        self.settle(key, &head).await?;
         Ok(Some(head))
     }
 
@@ -651,7 +644,7 @@ impl NatsStore {
         let (head_rev, old) = self.head_cached(key).await?;
         if let Some(h) = &old {
             // Writes are dropped from the head below, so they must have landed first.
-            self.settle(key, h, None).await?;
+            self.settle(key, h).await?;
         }
         let live = old.as_ref().and_then(|h| h.meta.as_ref());
         match (c.expected_rev, live) {
@@ -671,10 +664,13 @@ impl NatsStore {
             .collect();
         head.spill.retain(|sp| sp.events > 0);
         if live.is_none() {
-            // A new stream starts clean of what a deleted one of the same name left behind.
             head.links.clear();
-            purge(&self.tags, &format!("{}.*", token(key)), key).await?;
-            purge(&self.history, &format!("{}.>", token(key)), key).await?;
+            // A new stream starts clean of what a deleted one of the same name left behind
+            // (a name never used has no entry at all, and nothing to clean).
+            if head_rev != 0 {
+                purge(&self.tags, &format!("{}.*", token(key)), key).await?;
+                purge(&self.history, &format!("{}.>", token(key)), key).await?;
+            }
         }
         let mut deleted_all = false;
         match &c.doc {
@@ -721,6 +717,8 @@ impl NatsStore {
         }
         head.outbox.extend(c.events.iter().cloned());
         // Write the head: the change is committed when this lands.
+        // The tag writes of a change moved to spill chunks, still in hand to apply.
+        let mut spilled: Vec<Pending> = Vec::new();
         let new_rev = if head.meta.is_none() && head.outbox.is_empty() && head.spill.is_empty() {
             if old.is_some() {
                 match self
@@ -742,9 +740,9 @@ impl NatsStore {
                 // A big change (thousands of tags or events) goes to spill chunks, written
                 // before the head that names them: still one compare-and-set commits it.
                 let events = head.outbox.split_off(head.outbox.len() - c.events.len());
-                let pending = std::mem::take(&mut head.pending);
+                spilled = std::mem::take(&mut head.pending);
                 head.spill
-                    .push(self.write_spill(key, pending, events).await?);
+                    .push(self.write_spill(key, spilled.clone(), events).await?);
                 body = serde_json::to_vec(&head).map_err(|e| corrupt("image stream", e))?;
             }
             if body.len() > MAX_HEAD_BYTES {
@@ -780,8 +778,16 @@ impl NatsStore {
         }
         // Land the tag writes now; a failure here is repaired by the next reader or writer.
         let applied = async {
-            futures_util::future::try_join_all(head.pending.iter().map(|p| self.apply(key, p)))
-                .await?;
+            let writes: Vec<&Pending> = head.pending.iter().chain(&spilled).collect();
+            for group in writes.chunks(32) {
+                futures_util::future::try_join_all(group.iter().map(|p| self.apply(key, p)))
+                    .await?;
+            }
+            if !spilled.is_empty()
+                && let Some(sp) = head.spill.last()
+            {
+                lock(&self.spills_applied).insert(sp.id.clone());
+            }
             self.settle_spills(key, &head).await
         }
         .await;
@@ -1016,7 +1022,7 @@ impl NatsStore {
                 if (head.outbox.len(), head.spill.len() - published.len()) == before {
                     return Ok(Cas::Done(()));
                 }
-                self.settle(key, &head, None).await?;
+                self.settle(key, &head).await?;
                 head.pending.clear();
                 head.spill.retain(|sp| !published.contains(&sp.id));
                 let res = if head.meta.is_none() && head.outbox.is_empty() && head.spill.is_empty() {
