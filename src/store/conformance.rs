@@ -124,6 +124,13 @@ pub async fn behaviour(store: Store) {
     );
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].digest, "d2");
+    // Ids mean the same in every store: the id claimed is the id listed, and ids grow with
+    // creation.
+    let listed = store.deliveries("t", 10).await.unwrap();
+    let digests: Vec<&str> = listed.iter().map(|d| d.digest.as_str()).collect();
+    assert_eq!(digests, ["d2", "d1"], "newest first");
+    assert_eq!(listed[0].id, due[0].id, "claimed under its listed id");
+    assert!(listed[0].id > listed[1].id, "ids grow with creation");
     let sum = store.summary("t").await.unwrap();
     assert_eq!(
         (sum.pending, sum.superseded),
@@ -166,6 +173,32 @@ pub async fn behaviour(store: Store) {
     assert_eq!((sum.delivered, sum.superseded), (0, 0));
     assert_eq!(sum.last_fired.len(), 1, "trigger state is not a delivery");
     assert!(store.claim_due(5, 10).await.unwrap().is_empty());
+    // A retry of an image after a newer one fired is superseded: it never follows the newer.
+    let req_b = |d: &str| FireRequest {
+        trigger: "t".into(),
+        tag: "default/s:b".into(),
+        event: event("b", d),
+        skip_initial: false,
+    };
+    store.fire_due(vec![req_b("e1")], 10).await.unwrap();
+    let first = store.claim_due(10, 10).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        store.fire_due(vec![req_b("e2")], 11).await.unwrap(),
+        vec![FireOutcome::Fired]
+    );
+    let retry = Completion {
+        id: first[0].id,
+        state: DeliveryState::Pending,
+        attempts: 1,
+        next_at: 12,
+        error: Some("503".into()),
+    };
+    let next = store.complete_and_claim(vec![retry], 20, 10).await.unwrap();
+    let digests: Vec<&str> = next.iter().map(|d| d.digest.as_str()).collect();
+    assert_eq!(digests, ["e2"], "only the newer image is attempted");
+    let sum = store.summary("t").await.unwrap();
+    assert_eq!((sum.pending, sum.superseded), (1, 1));
     per_tag_changes(&store).await;
     big_changes(&store).await;
     // push hints: recorded (a repeat replaces), listed, dropped

@@ -6,6 +6,7 @@
 //! JetStream, so that several replicas share them at the same cost per change.
 
 pub mod nats;
+pub mod rules;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use super::{
     Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, Loaded, Scope,
-    StoreError, TriggerSummary,
+    StoreError, TriggerSummary, rules,
 };
 use crate::model::{Event, HistoryEntry, ImageStream, Tag, TagFrom};
 
@@ -681,8 +681,9 @@ impl SqliteStore {
                 )
                 .optional()
                 .map_err(db_err)?;
-            if last.as_deref() == Some(digest.as_str()) {
-                out.push(FireOutcome::Unchanged);
+            let outcome = rules::fire(last.as_deref(), &digest, r.skip_initial);
+            if outcome == FireOutcome::Unchanged {
+                out.push(outcome);
                 continue;
             }
             tx.execute(
@@ -691,17 +692,31 @@ impl SqliteStore {
                 params![r.trigger, r.tag, digest, fired_at],
             )
             .map_err(db_err)?;
-            if last.is_none() && r.skip_initial {
-                out.push(FireOutcome::Recorded);
+            if outcome == FireOutcome::Recorded {
+                out.push(outcome);
                 continue;
             }
-            tx.execute(
-                "UPDATE deliveries SET state = 'superseded', updated = ?3,
-                 last_error = 'superseded by ' || ?4
-                 WHERE trigger = ?1 AND tag = ?2 AND state = 'pending'",
-                params![r.trigger, r.tag, now_ms, digest],
-            )
-            .map_err(db_err)?;
+            let waiting: Vec<(i64, String)> = {
+                let mut st = tx
+                    .prepare_cached(
+                        "SELECT id, state FROM deliveries WHERE trigger = ?1 AND tag = ?2
+                         AND state IN ('pending', 'inflight')",
+                    )
+                    .map_err(db_err)?;
+                st.query_map([&r.trigger, &r.tag], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .map_err(db_err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(db_err)?
+            };
+            for (id, state) in waiting {
+                if let Some(note) = rules::supersede(parse_state(&state)?, &digest) {
+                    tx.execute(
+                        "UPDATE deliveries SET state = 'superseded', updated = ?2, last_error = ?3 WHERE id = ?1",
+                        params![id, now_ms, note],
+                    )
+                    .map_err(db_err)?;
+                }
+            }
             let json = serde_json::to_string(&r.event).map_err(json_err)?;
             tx.execute(
                 "INSERT INTO deliveries(trigger, tag, digest, event, state, attempts, next_at, created, updated)
@@ -738,25 +753,42 @@ impl SqliteStore {
     }
 
     /// Claims up to `limit` due deliveries (state `inflight`) and returns them, in one
-    /// statement: two claimers never get the same one. A crash leaves them `inflight`; `open`
-    /// puts them back to `pending`.
+    /// transaction: two claimers never get the same one. The index picks the candidates,
+    /// `rules::claim` decides. A crash leaves them `inflight`; `open` puts them back to `pending`.
     pub fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
-        let c = self.conn();
-        let mut stmt = c
-            .prepare_cached(
-                "UPDATE deliveries SET state = 'inflight', updated = ?1
-                 WHERE id IN (SELECT id FROM deliveries WHERE state = 'pending' AND next_at <= ?1
-                              ORDER BY next_at, id LIMIT ?2)
-                 RETURNING id, trigger, tag, digest, event, state, attempts, next_at, created, last_error",
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(db_err)?;
+        let candidates = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT id, trigger, tag, digest, event, state, attempts, next_at, created, last_error
+                     FROM deliveries WHERE state = 'pending' AND next_at <= ?1
+                     ORDER BY next_at, id LIMIT ?2",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![now_ms, limit as i64], row_to_delivery)
+                .map_err(db_err)?;
+            let mut v = Vec::new();
+            for r in rows {
+                v.push(r.map_err(db_err)??);
+            }
+            v
+        };
+        let mut out = Vec::with_capacity(candidates.len());
+        for mut d in candidates {
+            if rules::claim(d.state, d.next_at, now_ms) != rules::Claim::Now {
+                continue;
+            }
+            tx.prepare_cached(
+                "UPDATE deliveries SET state = 'inflight', updated = ?2 WHERE id = ?1",
             )
+            .and_then(|mut st| st.execute(params![d.id, now_ms]))
             .map_err(db_err)?;
-        let rows = stmt
-            .query_map(params![now_ms, limit as i64], row_to_delivery)
-            .map_err(db_err)?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push(r.map_err(db_err)??);
+            d.state = DeliveryState::Inflight;
+            out.push(d);
         }
+        tx.commit().map_err(db_err)?;
         Ok(out)
     }
 
@@ -857,25 +889,64 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Drops delivered and superseded deliveries settled before `cutoff_ms`.
+    /// Drops the deliveries `rules::purgeable` names (settled before `cutoff_ms`).
     pub fn purge_settled(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
-        self.conn()
-            .execute(
-                "DELETE FROM deliveries WHERE state IN ('delivered', 'superseded') AND updated < ?1",
-                [cutoff_ms],
-            )
-            .map_err(db_err)
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(db_err)?;
+        let old: Vec<(i64, String, i64)> = {
+            let mut st = tx
+                .prepare_cached("SELECT id, state, updated FROM deliveries WHERE updated < ?1")
+                .map_err(db_err)?;
+            st.query_map([cutoff_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(db_err)?
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?
+        };
+        let mut n = 0;
+        for (id, state, updated) in old {
+            if rules::purgeable(parse_state(&state)?, updated, cutoff_ms) {
+                n += tx
+                    .execute("DELETE FROM deliveries WHERE id = ?1", [id])
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(n)
     }
 
     pub fn retry_dead(&self, trigger: &str, now_ms: i64) -> Result<usize, StoreError> {
-        self.conn()
-            .execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?2, created = ?2, updated = ?2
-                 WHERE trigger = ?1 AND state = 'dead'",
-                params![trigger, now_ms],
-            )
-            .map_err(db_err)
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(db_err)?;
+        let dead: Vec<(i64, String)> = {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT id, state FROM deliveries WHERE trigger = ?1 AND state = 'dead'",
+                )
+                .map_err(db_err)?;
+            st.query_map([trigger], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db_err)?
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?
+        };
+        let mut n = 0;
+        for (id, state) in dead {
+            if let Some(next) = rules::retry(parse_state(&state)?) {
+                n += tx
+                    .execute(
+                        "UPDATE deliveries SET state = ?2, attempts = 0, next_at = ?3, created = ?3, updated = ?3
+                         WHERE id = ?1",
+                        params![id, next.as_str(), now_ms],
+                    )
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(n)
     }
+}
+
+fn parse_state(s: &str) -> Result<DeliveryState, StoreError> {
+    DeliveryState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("delivery state \"{s}\"")))
 }
 
 type RowResult = Result<Delivery, StoreError>;
@@ -890,8 +961,7 @@ fn row_to_delivery(r: &rusqlite::Row) -> rusqlite::Result<RowResult> {
             tag: r.get(2).map_err(db_err)?,
             digest: r.get(3).map_err(db_err)?,
             event: serde_json::from_str(&event).map_err(json_err)?,
-            state: DeliveryState::parse(&state)
-                .ok_or_else(|| StoreError::Corrupt(format!("delivery state \"{state}\"")))?,
+            state: parse_state(&state)?,
             attempts: r.get(6).map_err(db_err)?,
             next_at: r.get(7).map_err(db_err)?,
             created: r.get(8).map_err(db_err)?,
@@ -901,16 +971,35 @@ fn row_to_delivery(r: &rusqlite::Row) -> rusqlite::Result<RowResult> {
 }
 
 fn update_delivery_in(c: &Connection, d: &Completion, now_ms: i64) -> Result<(), StoreError> {
-    // A delivery that must be retried while a newer image of its tag was queued meanwhile is
-    // superseded instead: an old image never reaches CI after a newer one.
+    let found: Option<(String, bool)> = c
+        .prepare_cached(
+            "SELECT state, EXISTS (SELECT 1 FROM deliveries d2
+                 WHERE d2.trigger = d.trigger AND d2.tag = d.tag AND d2.id > d.id)
+             FROM deliveries d WHERE id = ?1",
+        )
+        .and_then(|mut st| {
+            st.query_row([d.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(db_err)?;
+    let Some((current, newer)) = found else {
+        return Ok(());
+    };
+    let state = rules::after_attempt(parse_state(&current)?, d.state, newer);
     c.prepare_cached(
-        "UPDATE deliveries SET state = CASE
-            WHEN ?2 = 'pending' AND (state = 'superseded' OR EXISTS (SELECT 1 FROM deliveries d2
-                 WHERE d2.trigger = deliveries.trigger AND d2.tag = deliveries.tag AND d2.id > deliveries.id))
-            THEN 'superseded' ELSE ?2 END,
-         attempts = ?3, next_at = ?4, last_error = COALESCE(?5, last_error), updated = ?6 WHERE id = ?1",
+        "UPDATE deliveries SET state = ?2, attempts = ?3, next_at = ?4,
+         last_error = COALESCE(?5, last_error), updated = ?6 WHERE id = ?1",
     )
-    .and_then(|mut st| st.execute(params![d.id, d.state.as_str(), d.attempts, d.next_at, d.error, now_ms]))
+    .and_then(|mut st| {
+        st.execute(params![
+            d.id,
+            state.as_str(),
+            d.attempts,
+            d.next_at,
+            d.error,
+            now_ms
+        ])
+    })
     .map_err(db_err)?;
     Ok(())
 }

@@ -97,10 +97,15 @@ impl NatsStore {
         let (digest, state_key) = (&digest, &state_key);
         let done = compare_and_set(20, || async move {
             let current = self.fired_state(state_key).await?;
-            if current.as_ref().is_some_and(|(s, _)| s.digest == *digest) {
-                return Ok(Cas::Done(FireOutcome::Unchanged));
+            let outcome = rules::fire(
+                current.as_ref().map(|(s, _)| s.digest.as_str()),
+                digest,
+                r.skip_initial,
+            );
+            if outcome == FireOutcome::Unchanged {
+                return Ok(Cas::Done(outcome));
             }
-            let initial_skip = current.is_none() && r.skip_initial;
+            let initial_skip = outcome == FireOutcome::Recorded;
             let mut delivery = None;
             if !initial_skip {
                 // Record, then publish, then move the state: a crash before the state moves
@@ -108,7 +113,7 @@ impl NatsStore {
                 // duplicate publication within its window), never a state without a delivery.
                 let dkey = short_hash(&[&r.trigger, &r.tag, &r.event.id]);
                 let rec = DeliveryRecord {
-                    id: new_delivery_id(now_ms),
+                    id: self.new_delivery_id(now_ms),
                     trigger: r.trigger.clone(),
                     tag: r.tag.clone(),
                     digest: digest.clone(),
@@ -170,11 +175,7 @@ impl NatsStore {
                         self.update_record(&old_key, |d| supersede(d, digest))
                             .await?;
                     }
-                    Ok(Cas::Done(if initial_skip {
-                        FireOutcome::Recorded
-                    } else {
-                        FireOutcome::Fired
-                    }))
+                    Ok(Cas::Done(outcome))
                 }
                 // Another replica planned the same tag meanwhile: look again.
                 Err((true, _)) => Ok(Cas::Conflict),
@@ -206,14 +207,22 @@ impl NatsStore {
         let Some((key, msg)) = lock(&self.inflight).remove(&d.id) else {
             return Ok(());
         };
+        // Whether the trigger fired a newer image of the tag matters only to a retry.
+        let fired = match d.state {
+            DeliveryState::Pending => match self.delivery_record(&key).await? {
+                Some((r, _)) => self
+                    .fired_state(&short_hash(&[&r.trigger, &r.tag]))
+                    .await?
+                    .map(|(st, _)| st),
+                None => None,
+            },
+            _ => None,
+        };
         let state = Mutex::new(d.state);
         self.update_record(&key, |r| {
-            // A retry of an image that was superseded meanwhile stays superseded.
-            if r.state == DeliveryState::Superseded && d.state == DeliveryState::Pending {
-                *lock(&state) = DeliveryState::Superseded;
-            } else {
-                r.state = d.state;
-            }
+            let newer = fired.as_ref().is_some_and(|st| newer_fired(r, &key, st));
+            r.state = rules::after_attempt(r.state, d.state, newer);
+            *lock(&state) = r.state;
             r.attempts = d.attempts;
             r.next_at = d.next_at;
             if d.error.is_some() {
@@ -239,7 +248,7 @@ impl NatsStore {
     }
 
     /// Pulls up to `limit` deliveries from the shared work queue without waiting.
-    pub async fn claim_due(&self, _now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+    pub async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
         let mut batch = self
             .consumer
             .fetch()
@@ -268,25 +277,50 @@ impl NatsStore {
             if let Some((r, _)) = &mut rec {
                 let state_key = short_hash(&[&r.trigger, &r.tag]);
                 if let Some((st, _)) = self.fired_state(&state_key).await?
-                    && is_stale(r, &item.key, &st)
+                    && newer_fired(r, &item.key, &st)
+                    && supersede(r, &st.digest)
                 {
                     self.update_record(&item.key, |d| supersede(d, &st.digest))
                         .await?;
-                    supersede(r, &st.digest);
                 }
             }
-            match rec {
-                Some((rec, _))
-                    if matches!(rec.state, DeliveryState::Pending | DeliveryState::Inflight) =>
-                {
-                    // Completions name the attempt by a local number: record ids are for display.
-                    let mut d = rec.to_delivery();
-                    d.id = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                    lock(&self.inflight).insert(d.id, (item.key, msg));
-                    out.push(d);
+            let Some((rec, _)) = rec else {
+                // Expired or purged: nothing to attempt.
+                let _ = msg.ack().await;
+                continue;
+            };
+            match rules::claim(rec.state, rec.next_at, now_ms) {
+                rules::Claim::Now => {
+                    // Completions name the delivery by its record id, as in every listing.
+                    let clash = {
+                        let mut inflight = lock(&self.inflight);
+                        match inflight.get_mut(&rec.id) {
+                            // The server redelivered a message whose attempt is still running
+                            // here: the attempt settles the newest delivery of it.
+                            Some((k, held)) if *k == item.key => {
+                                *held = msg;
+                                None
+                            }
+                            // Two replicas minted one id in the same millisecond: later.
+                            Some(_) => Some(msg),
+                            None => {
+                                out.push(rec.to_delivery());
+                                inflight.insert(rec.id, (item.key, msg));
+                                None
+                            }
+                        }
+                    };
+                    if let Some(msg) = clash {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    }
                 }
-                // Finished (or expired) already: a redelivery after a crash, or superseded.
-                _ => {
+                rules::Claim::Later(ms) => {
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(ms as u64))))
+                        .await;
+                }
+                // Settled already: a redelivery after a crash, or superseded.
+                rules::Claim::Never => {
                     let _ = msg.ack().await;
                 }
             }
@@ -328,11 +362,10 @@ impl NatsStore {
                 continue;
             }
             if let Some(st) = states.get(&r.tag)
-                && is_stale(&r, &k, st)
+                && newer_fired(&r, &k, st)
+                && supersede(&mut r, &st.digest)
             {
-                let by = st.digest.clone();
-                self.update_record(&k, |d| supersede(d, &by)).await?;
-                supersede(&mut r, &by);
+                self.update_record(&k, |d| supersede(d, &st.digest)).await?;
             }
             out.push(r);
         }
@@ -350,13 +383,9 @@ impl NatsStore {
                 Err(e) => return Err(backend("delivery read", e)),
             };
             let written_ms = (entry.created.unix_timestamp_nanos() / 1_000_000) as i64;
-            let settled = serde_json::from_slice::<DeliveryRecord>(&entry.value).is_ok_and(|r| {
-                matches!(
-                    r.state,
-                    DeliveryState::Delivered | DeliveryState::Superseded
-                )
-            });
-            if settled && written_ms < cutoff_ms {
+            let purgeable = serde_json::from_slice::<DeliveryRecord>(&entry.value)
+                .is_ok_and(|r| rules::purgeable(r.state, written_ms, cutoff_ms));
+            if purgeable {
                 match self
                     .deliveries
                     .delete_expect_revision(&k, Some(entry.revision))
@@ -406,10 +435,10 @@ impl NatsStore {
             }
             let key = short_hash(&[&r.trigger, &r.tag, &r.event.id]);
             self.update_record(&key, |d| {
-                if d.state != DeliveryState::Dead {
+                let Some(next) = rules::retry(d.state) else {
                     return false;
-                }
-                d.state = DeliveryState::Pending;
+                };
+                d.state = next;
                 d.attempts = 0;
                 d.next_at = now_ms;
                 d.created = now_ms;
@@ -423,25 +452,36 @@ impl NatsStore {
     }
 }
 
-/// Delivery ids (for display) order by creation across replicas without coordination: the
-/// creation time in milliseconds and a random tail.
-fn new_delivery_id(now_ms: i64) -> i64 {
-    now_ms.max(0).saturating_mul(1_000) + fastrand::i64(0..1_000)
+impl NatsStore {
+    /// Delivery ids order by creation across replicas without coordination, as SQLite's row
+    /// ids do within one file: the creation time in milliseconds and a random tail, strictly
+    /// increasing within this process.
+    fn new_delivery_id(&self, now_ms: i64) -> i64 {
+        let candidate = now_ms.max(0).saturating_mul(1_000) + fastrand::i64(0..1_000);
+        let prev = self
+            .last_delivery_id
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                Some(candidate.max(p + 1))
+            })
+            .unwrap_or(candidate);
+        candidate.max(prev + 1)
+    }
 }
 
-fn is_stale(r: &DeliveryRecord, key: &str, st: &FiredState) -> bool {
-    matches!(r.state, DeliveryState::Pending | DeliveryState::Inflight)
-        && st.delivery.as_deref() != Some(key)
-        && st.fired_at > r.created
+/// The trigger fired for the tag again after `r` was created (the work of `rules::supersede`
+/// that SQLite does at firing time, done here where the record is next read).
+fn newer_fired(r: &DeliveryRecord, key: &str, st: &FiredState) -> bool {
+    st.delivery.as_deref() != Some(key) && st.fired_at > r.created
 }
 
-/// Marks a still-waiting delivery superseded by `by`; false if it had settled already.
+/// `rules::supersede` applied to a record; false if it is left alone.
 fn supersede(d: &mut DeliveryRecord, by: &str) -> bool {
-    if matches!(d.state, DeliveryState::Pending | DeliveryState::Inflight) {
-        d.state = DeliveryState::Superseded;
-        d.last_error = Some(format!("superseded by {by}"));
-        true
-    } else {
-        false
+    match rules::supersede(d.state, by) {
+        Some(note) => {
+            d.state = DeliveryState::Superseded;
+            d.last_error = Some(note);
+            true
+        }
+        None => false,
     }
 }

@@ -54,7 +54,7 @@ pub use documents::{Head, Pending};
 
 use super::{
     Commit, Completion, Delivery, DeliveryState, FireOutcome, FireRequest, StoreError, TagWrite,
-    TriggerSummary,
+    TriggerSummary, rules,
 };
 use crate::config::NatsConfig;
 use crate::model::{Event, ImageStream};
@@ -156,6 +156,7 @@ pub struct NatsStore {
     /// `pending_events` sequence → the event handed out, until marked published.
     handed_out: Mutex<HashMap<i64, HandedOut>>,
     next_seq: AtomicI64,
+    last_delivery_id: AtomicI64,
     /// Work messages being attempted here, by local attempt number, to ack when the attempt is recorded.
     inflight: Mutex<HashMap<i64, (String, jetstream::Message)>>,
     /// Revisions this replica committed, so its own watcher does not announce them twice.
@@ -343,6 +344,7 @@ impl NatsStore {
             dirty: Mutex::default(),
             handed_out: Mutex::default(),
             next_seq: AtomicI64::new(1),
+            last_delivery_id: AtomicI64::new(0),
             inflight: Mutex::default(),
             local: Mutex::default(),
             stop_after_head: Default::default(),
