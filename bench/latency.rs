@@ -140,6 +140,14 @@ async fn events(reg: &Registry) {
             }
         }
     });
+    // The JetStream subject is read by its own task, so each arrival is timed when it
+    // happens, not after the SSE event has been awaited.
+    let (js_tx, mut js_rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Instant)>();
+    tokio::spawn(async move {
+        while let Some(m) = js_sub.next().await {
+            let _ = js_tx.send((since(&m.payload), Instant::now()));
+        }
+    });
     let (mut inproc, mut js, mut call) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..300 {
         let src = format!("app@{}", if i % 2 == 0 { &da } else { &db });
@@ -151,12 +159,12 @@ async fn events(reg: &Registry) {
                 .unwrap()
                 .unwrap(),
         );
-        let m = tokio::time::timeout(DEADLINE, js_sub.next())
+        let (lat, at) = tokio::time::timeout(DEADLINE, js_rx.recv())
             .await
             .unwrap()
             .unwrap();
-        js.push(since(&m.payload));
-        call.push(t0.elapsed());
+        js.push(lat);
+        call.push(at - t0);
     }
     report("change recorded -> watch (SSE) event, in-process", &inproc);
     report("change recorded -> JetStream event (acked publish)", &js);

@@ -175,83 +175,200 @@ async fn ensure_stream(
         .map_err(|e| format!("cannot create or update stream {}: {e}", cfg.stream))
 }
 
-/// Drains the outbox to the bus, in order; stops at the first failure and retries with
-/// backoff, so per-tag order holds and nothing is skipped.
+/// Publishes every committed event, in order: as the commits hand them over (`Handoff`),
+/// and by draining the outbox at start, after a failure, when woken for events that were not
+/// handed over, and every few seconds. A failure stops publishing from memory until a drain
+/// has caught up (retried with backoff), so per-tag order holds and nothing is skipped.
+/// Events published from memory leave the outbox in the background (`Marker`); one that a
+/// drain meets again meanwhile is not sent twice (`Recent`).
 pub async fn run_publisher(
     store: Store,
     bus: Arc<Bus>,
     wake: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
+    let mut handed = store.attach_publisher(wake.clone());
+    let marker = Marker::start(store.clone());
+    let mut p = Publisher {
+        store: store.clone(),
+        bus,
+        stream_ready: false,
+        recent: Recent::default(),
+        marker,
+    };
+    p.stream_ready = matches!(&*p.bus, Bus::Nats(n) if n.js.is_none());
     let mut retry = crate::retry::Retry::new(crate::retry::Backoff::new(
         Duration::from_millis(100),
         Duration::from_secs(5),
     ));
-    let mut backoff = Duration::ZERO;
-    let mut stream_ready = matches!(&*bus, Bus::Nats(n) if n.js.is_none());
+    let mut draining = true;
     loop {
-        let batch = match store.pending_events(256).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the outbox");
-                Vec::new()
+        if draining {
+            // What was handed over so far is in the outbox too: the drain sends it.
+            while let Ok(b) = handed.try_recv() {
+                store.unhand(&b.iter().map(|(s, _)| *s).collect::<Vec<_>>());
             }
-        };
-        let mut published = Vec::new();
-        let mut failed = false;
-        for (seq, e) in &batch {
-            let res = match &*bus {
-                Bus::InProcess => Ok(()),
-                Bus::Nats(n) => n.publish(e, &mut stream_ready).await,
-            };
-            match res {
-                Ok(()) => {
-                    crate::metrics::event_published(
-                        if matches!(&*bus, Bus::InProcess) {
-                            "inprocess"
-                        } else {
-                            "nats"
-                        },
-                        &e.kind,
-                    );
-                    published.push(*seq);
+            let batch = match store.pending_events(256).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    Vec::new()
                 }
-                Err(err) => {
-                    backoff = retry.failed(None);
-                    tracing::warn!(error = %err, retry_in = ?backoff, "event not published yet; it stays in the outbox");
-                    failed = true;
-                    if let Bus::Nats(n) = &*bus
+            };
+            let ok = p.send(&batch).await;
+            p.marker.flush().await;
+            if let Ok(d) = store.outbox_depth().await {
+                crate::metrics::outbox_depth(d);
+            }
+            if !ok {
+                let backoff = retry.failed(None);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                continue;
+            }
+            retry.succeeded();
+            if batch.len() == 256 {
+                continue;
+            }
+        }
+        // Caught up: publish from memory until a failure or a wake asks for a drain.
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                p.marker.flush().await;
+                return;
+            }
+            b = handed.recv() => match b {
+                Some(batch) => draining = !p.send(&batch).await,
+                None => draining = true,
+            },
+            _ = wake.notified() => draining = true,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => draining = true,
+        }
+    }
+}
+
+struct Publisher {
+    store: Store,
+    bus: Arc<Bus>,
+    stream_ready: bool,
+    recent: Recent,
+    marker: Marker,
+}
+
+impl Publisher {
+    /// Publishes `batch` in order up to the first failure; false if there was one (the rest
+    /// stays in the outbox). Published events are queued for marking.
+    async fn send(&mut self, batch: &[(i64, Event)]) -> bool {
+        let mut published = Vec::with_capacity(batch.len());
+        let mut ok = true;
+        for (i, (seq, e)) in batch.iter().enumerate() {
+            if !self.recent.contains(&e.id) {
+                let res = match &*self.bus {
+                    Bus::InProcess => Ok(()),
+                    Bus::Nats(n) => n.publish(e, &mut self.stream_ready).await,
+                };
+                if let Err(err) = res {
+                    tracing::warn!(error = %err, "event not published yet; it stays in the outbox");
+                    if let Bus::Nats(n) = &*self.bus
                         && n.js.is_some()
                     {
-                        stream_ready = false;
+                        self.stream_ready = false;
                     }
+                    ok = false;
+                    let rest: Vec<i64> = batch[i..].iter().map(|(s, _)| *s).collect();
+                    self.store.unhand(&rest);
                     break;
                 }
+                crate::metrics::event_published(
+                    if matches!(&*self.bus, Bus::InProcess) {
+                        "inprocess"
+                    } else {
+                        "nats"
+                    },
+                    &e.kind,
+                );
+                self.recent.insert(e.id.clone());
+            }
+            published.push(*seq);
+        }
+        self.marker.mark(published);
+        ok
+    }
+}
+
+/// The ids of the events published lately (bounded), so that one published from memory and
+/// met again by a drain before it left the outbox is not sent twice.
+#[derive(Default)]
+struct Recent {
+    order: std::collections::VecDeque<String>,
+    ids: std::collections::HashSet<String>,
+}
+
+impl Recent {
+    const KEEP: usize = 4096;
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > Self::KEEP
+                && let Some(old) = self.order.pop_front()
+            {
+                self.ids.remove(&old);
             }
         }
-        if !published.is_empty()
-            && let Err(e) = store.mark_published(published).await
-        {
-            tracing::error!(error = %e, "cannot mark events published; they will be re-sent with the same id");
-        }
-        if let Ok(d) = store.outbox_depth().await {
-            crate::metrics::outbox_depth(d);
-        }
-        if failed {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+    }
+}
+
+/// Takes published events off the outbox in the background, batching what accumulates
+/// while a write is under way, so that publishing never waits for it. A lost mark only
+/// means a re-send with the same id after a restart (JetStream drops the duplicate).
+struct Marker {
+    tx: tokio::sync::mpsc::UnboundedSender<(Vec<i64>, Option<tokio::sync::oneshot::Sender<()>>)>,
+}
+
+impl Marker {
+    fn start(store: Store) -> Marker {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
+            Vec<i64>,
+            Option<tokio::sync::oneshot::Sender<()>>,
+        )>();
+        tokio::spawn(async move {
+            while let Some((mut seqs, done)) = rx.recv().await {
+                let mut waiters: Vec<_> = done.into_iter().collect();
+                while let Ok((more, done)) = rx.try_recv() {
+                    seqs.extend(more);
+                    waiters.extend(done);
+                }
+                if !seqs.is_empty()
+                    && let Err(e) = store.mark_published(seqs).await
+                {
+                    tracing::error!(error = %e, "cannot mark events published; they will be re-sent with the same id");
+                }
+                for w in waiters {
+                    let _ = w.send(());
+                }
             }
-            continue;
+        });
+        Marker { tx }
+    }
+
+    fn mark(&self, seqs: Vec<i64>) {
+        if !seqs.is_empty() {
+            let _ = self.tx.send((seqs, None));
         }
-        retry.succeeded();
-        if batch.len() == 256 {
-            continue;
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+
+    /// Waits until everything queued so far is marked (a drain reads the outbox after it).
+    async fn flush(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.tx.send((Vec::new(), Some(done))).is_ok() {
+            let _ = wait.await;
         }
     }
 }

@@ -521,7 +521,8 @@ impl Engine {
             crate::metrics::tag_event(e);
             let _ = self.events.send(e.clone());
         }
-        if !events.is_empty() {
+        // A store that hands its events to the publisher wakes it itself when it did not.
+        if !events.is_empty() && !self.store.hands_off() {
             self.outbox.notify_one();
         }
         if specs_changed {

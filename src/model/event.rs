@@ -46,7 +46,11 @@ pub struct EventData {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test: Option<bool>,
     /// `tag.changed`: the previous pull spec (null for a first image).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub previous_image: Option<Option<String>>,
     /// `tag.changed`: what the new image says of itself (SPEC 10), when it could be fetched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,6 +64,12 @@ pub struct EventData {
     /// `tag.changed` of a policy tag: the repository tag the new image was chosen as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_tag: Option<String>,
+}
+
+/// A field that is present, null or not (`Some(None)` for null), as against absent (`None`,
+/// by `default`): an event read back from the outbox says "no previous image" as it was sent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 impl EventData {
@@ -193,5 +203,18 @@ mod tests {
             "istream._status.tag_deleted.default.python.latest"
         );
         assert_eq!(encode_token("a%b*c>d e"), "a%25b%2Ac%3Ed%20e");
+    }
+
+    #[test]
+    fn previous_image_survives_a_round_trip() {
+        // The outbox stores events as JSON; a first image's explicit null must come back as
+        // null (the drain path publishes what it reads), an absent field as absent.
+        for prev in [None, Some(None), Some(Some("reg/a@sha256:y".to_string()))] {
+            let mut d = data("1");
+            d.previous_image = prev.clone();
+            let e = Event::new(TAG_CHANGED, "1".into(), "h", Utc::now(), d);
+            let back: Event = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+            assert_eq!(back.data.previous_image, prev);
+        }
     }
 }

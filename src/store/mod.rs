@@ -11,8 +11,10 @@ pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
 
 use serde::Serialize;
 
@@ -190,6 +192,49 @@ pub struct TriggerSummary {
     pub last_fired: BTreeMap<String, String>,
 }
 
+/// The outbox entries of one change, identified as `pending_events` identifies them.
+pub type Handed = Vec<(i64, Event)>;
+
+/// Hands a change's events from the commit straight to the publisher, so that publishing
+/// waits for no outbox read. Each store offers them while it still holds what orders its
+/// changes (SQLite's connection, a JetStream stream's lock), so the publisher receives them
+/// in commit order. The outbox stays the record: what is not handed off, or not published
+/// from here, is drained from it (the publisher is woken for that).
+#[derive(Default)]
+pub struct Handoff {
+    to: Mutex<Option<(mpsc::UnboundedSender<Handed>, Arc<Notify>)>>,
+}
+
+impl Handoff {
+    fn attach(&self, wake: Arc<Notify>) -> mpsc::UnboundedReceiver<Handed> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.to.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx, wake));
+        rx
+    }
+
+    pub(crate) fn attached(&self) -> bool {
+        self.to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|(tx, _)| !tx.is_closed())
+    }
+
+    /// Hands `events` over when `ready` and a publisher is attached; otherwise wakes the
+    /// publisher to drain the outbox. Returns whether they were handed over.
+    pub(crate) fn offer(&self, ready: bool, events: impl FnOnce() -> Handed) -> bool {
+        let guard = self.to.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((tx, wake)) = guard.as_ref() else {
+            return false;
+        };
+        if ready && tx.send(events()).is_ok() {
+            return true;
+        }
+        wake.notify_one();
+        false
+    }
+}
+
 #[derive(Clone)]
 pub enum Store {
     Sqlite(Arc<sqlite::SqliteStore>),
@@ -260,6 +305,33 @@ impl Store {
 
     pub async fn commit(&self, commit: Commit) -> Result<i64, StoreError> {
         blocking!(self, s => s.commit(&commit), n => n.commit(&commit))
+    }
+
+    /// Attaches the publisher: from now on each change's events are handed to the returned
+    /// receiver as they are committed (see `Handoff`), and `wake` is notified when a drain
+    /// of the outbox is needed instead.
+    pub fn attach_publisher(&self, wake: Arc<Notify>) -> mpsc::UnboundedReceiver<Handed> {
+        self.handoff().attach(wake)
+    }
+
+    /// Whether a publisher takes the events from the commits (it needs no wake for them).
+    pub fn hands_off(&self) -> bool {
+        self.handoff().attached()
+    }
+
+    fn handoff(&self) -> &Handoff {
+        match self {
+            Store::Sqlite(s) => &s.handoff,
+            Store::Nats(n) => &n.handoff,
+        }
+    }
+
+    /// Handed-off events the publisher dropped unpublished (the outbox has them): a store
+    /// forgets what it noted for them.
+    pub fn unhand(&self, seqs: &[i64]) {
+        if let Store::Nats(n) = self {
+            n.unhand(seqs);
+        }
     }
 
     pub async fn pending_events(&self, limit: usize) -> Result<Vec<(i64, Event)>, StoreError> {

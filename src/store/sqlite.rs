@@ -20,6 +20,7 @@ use crate::model::{Event, HistoryEntry, ImageStream, Tag, TagFrom};
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    pub(super) handoff: super::Handoff,
     /// Tells the checkpointer thread to stop when the store is dropped.
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -321,6 +322,7 @@ impl SqliteStore {
         spawn_checkpointer(path, stop.clone());
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            handoff: Default::default(),
             stop,
         })
     }
@@ -592,13 +594,23 @@ impl SqliteStore {
                 }
             }
         }
+        let mut seqs = Vec::with_capacity(commit.events.len());
         for e in &commit.events {
             let json = serde_json::to_string(e).map_err(json_err)?;
             tx.prepare_cached("INSERT INTO outbox(event) VALUES (?1)")
                 .and_then(|mut st| st.execute([json]))
                 .map_err(db_err)?;
+            seqs.push(tx.last_insert_rowid());
         }
         tx.commit().map_err(db_err)?;
+        // Still holding the connection: handed over in commit order.
+        if !seqs.is_empty() {
+            self.handoff.offer(true, || {
+                seqs.into_iter()
+                    .zip(commit.events.iter().cloned())
+                    .collect()
+            });
+        }
         Ok(rev)
     }
 

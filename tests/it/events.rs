@@ -68,7 +68,8 @@ async fn subscribers_get_the_exact_cloudevent_and_can_replay() {
         ev["data"],
         serde_json::json!({
             "namespace": "default", "stream": "py", "tag": "3.6", "digest": d1, "previous": null,
-            "image": format!("{}/a/py@{d1}", reg.host), "generation": t["history"][0]["generation"], "cause": "import"
+            "image": format!("{}/a/py@{d1}", reg.host), "generation": t["history"][0]["generation"], "cause": "import",
+            "previous_image": null
         })
     );
     assert_eq!(

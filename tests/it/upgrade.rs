@@ -18,10 +18,12 @@ fn fixture_dir() -> PathBuf {
 
 /// The triggers the fixture was made with; the upgraded engine is started with the same ones
 /// (sinks on closed ports and an hour of backoff, so nothing moves while the test looks).
+/// The fixtures' deliveries are as old as the fixtures: `max_age` (the longest allowed) keeps
+/// their pending ones from going dead as "too old" when the first start retries them.
 fn fixture_triggers(dead_url: &str, ok_url: &str) -> String {
     format!(
         "[nats]\nurl = \"nats://127.0.0.1:9\"\n\n\
-         [delivery]\ninitial_backoff = \"1h\"\nmax_backoff = \"2h\"\nmax_attempts = 50\n\n\
+         [delivery]\ninitial_backoff = \"1h\"\nmax_backoff = \"2h\"\nmax_attempts = 50\nmax_age = \"366d\"\n\n\
          [[trigger]]\nname = \"dead\"\non = [\"app:latest\"]\nwebhook = {{ url = \"{dead_url}/gone\" }}\n\n\
          [[trigger]]\nname = \"waiting\"\non = [\"app:latest\", \"lib:1\"]\nwebhook = {{ url = \"http://127.0.0.1:9/never\" }}\n\n\
          [[trigger]]\nname = \"ok\"\non = [\"app:latest\"]\nwebhook = {{ url = \"{ok_url}/ok\" }}\n"

@@ -715,10 +715,21 @@ impl NatsStore {
                 head.links.retain(|_, f| !f.is_empty());
             }
         }
+        // Handed straight to this replica's publisher only when nothing before them in the
+        // outbox is someone else's to publish: per-tag order holds across replicas.
+        let handable = !c.events.is_empty() && head.spill.iter().all(|sp| sp.events == 0) && {
+            let handed = lock(&self.handed_out);
+            head.outbox.iter().all(|e| {
+                handed
+                    .values()
+                    .any(|h| h.key == *key && h.id == e.id && h.spill.is_none())
+            })
+        };
         head.outbox.extend(c.events.iter().cloned());
         // Write the head: the change is committed when this lands.
         // The tag writes of a change moved to spill chunks, still in hand to apply.
         let mut spilled: Vec<Pending> = Vec::new();
+        let mut spill_written = false;
         let new_rev = if head.meta.is_none() && head.outbox.is_empty() && head.spill.is_empty() {
             if old.is_some() {
                 match self
@@ -739,6 +750,7 @@ impl NatsStore {
             if body.len() > MAX_HEAD_BYTES {
                 // A big change (thousands of tags or events) goes to spill chunks, written
                 // before the head that names them: still one compare-and-set commits it.
+                spill_written = true;
                 let events = head.outbox.split_off(head.outbox.len() - c.events.len());
                 spilled = std::mem::take(&mut head.pending);
                 head.spill
@@ -772,6 +784,25 @@ impl NatsStore {
         }
         if !head.outbox.is_empty() || !head.spill.is_empty() {
             lock(&self.dirty).insert(key.to_string());
+        }
+        // Still under the stream's lock: handed over in this stream's commit order.
+        if !c.events.is_empty() {
+            self.handoff.offer(handable && !spill_written, || {
+                let mut handed = lock(&self.handed_out);
+                c.events
+                    .iter()
+                    .map(|e| {
+                        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                        let h = HandedOut {
+                            key: key.to_string(),
+                            id: e.id.clone(),
+                            spill: None,
+                        };
+                        handed.insert(seq, h);
+                        (seq, e.clone())
+                    })
+                    .collect()
+            });
         }
         if self.stop_after_head.load(Ordering::Relaxed) {
             return Ok(head.meta.map_or(0, |m| m.rev));
@@ -972,6 +1003,13 @@ impl NatsStore {
             }
         }
         Ok(out)
+    }
+
+    pub fn unhand(&self, seqs: &[i64]) {
+        let mut handed = lock(&self.handed_out);
+        for s in seqs {
+            handed.remove(s);
+        }
     }
 
     pub async fn outbox_depth(&self) -> Result<i64, StoreError> {

@@ -155,6 +155,7 @@ pub struct NatsStore {
     dirty: Mutex<BTreeSet<String>>,
     /// `pending_events` sequence → the event handed out, until marked published.
     handed_out: Mutex<HashMap<i64, HandedOut>>,
+    pub(in crate::store) handoff: super::Handoff,
     next_seq: AtomicI64,
     last_delivery_id: AtomicI64,
     /// Work messages being attempted here, by local attempt number, to ack when the attempt is recorded.
@@ -343,6 +344,7 @@ impl NatsStore {
             spill,
             dirty: Mutex::default(),
             handed_out: Mutex::default(),
+            handoff: Default::default(),
             next_seq: AtomicI64::new(1),
             last_delivery_id: AtomicI64::new(0),
             inflight: Mutex::default(),
