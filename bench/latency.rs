@@ -2,7 +2,7 @@
 //! Run with `cargo bench --bench latency` (needs docker-registry and nats-server >= 2.10, as
 //! `scripts/test.sh` installs; `ISTREAM_TEST_NATS` points at the latter).
 //!
-//! 1. events: change recorded → event received, in-process (`watch` stream) and over JetStream,
+//! 1. events: change made (and committed) → event received, in-process (`watch` stream) and over JetStream,
 //!    next to raw NATS publish → receive on the same server;
 //! 2. triggers: tag change → webhook request received (p50/p99), and deliveries per second with
 //!    the durable bookkeeping on, next to a plain HTTP POST loop to the same receiver;
@@ -142,12 +142,23 @@ async fn events(reg: &Registry) {
     });
     // The JetStream subject is read by its own task, so each arrival is timed when it
     // happens, not after the SSE event has been awaited.
-    let (js_tx, mut js_rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Instant)>();
+    type Arrival = (Duration, Instant, chrono::DateTime<chrono::Utc>);
+    let (js_tx, mut js_rx) = tokio::sync::mpsc::unbounded_channel::<Arrival>();
     tokio::spawn(async move {
         while let Some(m) = js_sub.next().await {
-            let _ = js_tx.send((since(&m.payload), Instant::now()));
+            let _ = js_tx.send((since(&m.payload), Instant::now(), chrono::Utc::now()));
         }
     });
+    // The engine logs "tag changed" right after the commit: its timestamp is when the change
+    // was recorded (the event's own `time` is taken before the store's write).
+    let committed = |log: &str| -> Vec<chrono::DateTime<chrono::Utc>> {
+        log.lines()
+            .filter(|l| l.contains("tag changed") && l.contains("subject=default/app:latest"))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    };
+    let before = committed(&e.log.text()).len();
+    let mut arrivals = Vec::new();
     let (mut inproc, mut js, mut call) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..300 {
         let src = format!("app@{}", if i % 2 == 0 { &da } else { &db });
@@ -159,15 +170,23 @@ async fn events(reg: &Registry) {
                 .unwrap()
                 .unwrap(),
         );
-        let (lat, at) = tokio::time::timeout(DEADLINE, js_rx.recv())
+        let (lat, at, wall) = tokio::time::timeout(DEADLINE, js_rx.recv())
             .await
             .unwrap()
             .unwrap();
         js.push(lat);
         call.push(at - t0);
+        arrivals.push(wall);
     }
-    report("change recorded -> watch (SSE) event, in-process", &inproc);
-    report("change recorded -> JetStream event (acked publish)", &js);
+    let commits = committed(&e.log.text());
+    let from_commit: Vec<Duration> = commits[before..]
+        .iter()
+        .zip(&arrivals)
+        .map(|(c, a)| (*a - *c).to_std().unwrap_or_default())
+        .collect();
+    report("change made -> watch (SSE) event, in-process", &inproc);
+    report("change made -> JetStream event (acked publish)", &js);
+    report("change committed (log) -> JetStream event", &from_commit);
     report("API tag call -> JetStream event (for reference)", &call);
 }
 

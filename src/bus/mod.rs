@@ -179,8 +179,9 @@ async fn ensure_stream(
 /// and by draining the outbox at start, after a failure, when woken for events that were not
 /// handed over, and every few seconds. A failure stops publishing from memory until a drain
 /// has caught up (retried with backoff), so per-tag order holds and nothing is skipped.
-/// Events published from memory leave the outbox in the background (`Marker`); one that a
-/// drain meets again meanwhile is not sent twice (`Recent`).
+/// Events published from memory leave the outbox with their stream's next commit or, a moment
+/// later, in the background (`Marker`); one that a drain meets again meanwhile is not sent
+/// twice (`Recent`).
 pub async fn run_publisher(
     store: Store,
     bus: Arc<Bus>,
@@ -208,6 +209,7 @@ pub async fn run_publisher(
             while let Ok(b) = handed.try_recv() {
                 store.unhand(&b.iter().map(|(s, _)| *s).collect::<Vec<_>>());
             }
+            p.marker.flush().await;
             let batch = match store.pending_events(256).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -293,6 +295,7 @@ impl Publisher {
             }
             published.push(*seq);
         }
+        self.store.note_published(&published);
         self.marker.mark(published);
         ok
     }
@@ -328,6 +331,8 @@ impl Recent {
 /// Takes published events off the outbox in the background, batching what accumulates
 /// while a write is under way, so that publishing never waits for it. A lost mark only
 /// means a re-send with the same id after a restart (JetStream drops the duplicate).
+const MARK_DELAY: Duration = Duration::from_millis(25);
+
 struct Marker {
     tx: tokio::sync::mpsc::UnboundedSender<(Vec<i64>, Option<tokio::sync::oneshot::Sender<()>>)>,
 }
@@ -341,6 +346,11 @@ impl Marker {
         tokio::spawn(async move {
             while let Some((mut seqs, done)) = rx.recv().await {
                 let mut waiters: Vec<_> = done.into_iter().collect();
+                // Deferred a little: a busy stream's next commit usually takes its published
+                // events out of the outbox first, and the marks of a burst go out together.
+                if waiters.is_empty() {
+                    tokio::time::sleep(MARK_DELAY).await;
+                }
                 while let Ok((more, done)) = rx.try_recv() {
                     seqs.extend(more);
                     waiters.extend(done);

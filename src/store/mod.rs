@@ -342,6 +342,14 @@ impl Store {
         blocking!(self, s => s.outbox_depth(), n => n.outbox_depth())
     }
 
+    /// Events the publisher has just sent, before the (deferred) `mark_published`: the
+    /// JetStream store drops them from the outbox with the stream's next commit.
+    pub fn note_published(&self, seqs: &[i64]) {
+        if let Store::Nats(n) = self {
+            n.note_published(seqs);
+        }
+    }
+
     pub async fn mark_published(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
         blocking!(self, s => s.mark_published(&seqs), n => n.mark_published(&seqs))
     }

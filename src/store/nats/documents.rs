@@ -715,15 +715,23 @@ impl NatsStore {
                 head.links.retain(|_, f| !f.is_empty());
             }
         }
-        // Handed straight to this replica's publisher only when nothing before them in the
+        // Events this replica has published leave the outbox with this write. The new ones are
+        // handed straight to this replica's publisher only when nothing before them in the
         // outbox is someone else's to publish: per-tag order holds across replicas.
-        let handable = !c.events.is_empty() && head.spill.iter().all(|sp| sp.events == 0) && {
+        let handable = {
             let handed = lock(&self.handed_out);
-            head.outbox.iter().all(|e| {
-                handed
-                    .values()
-                    .any(|h| h.key == *key && h.id == e.id && h.spill.is_none())
-            })
+            let mine: HashMap<&str, bool> = handed
+                .values()
+                .filter(|h| h.key == *key && h.spill.is_none())
+                .map(|h| (h.id.as_str(), h.published))
+                .collect();
+            if !mine.is_empty() {
+                head.outbox
+                    .retain(|e| mine.get(e.id.as_str()) != Some(&true));
+            }
+            !c.events.is_empty()
+                && head.spill.iter().all(|sp| sp.events == 0)
+                && head.outbox.iter().all(|e| mine.contains_key(e.id.as_str()))
         };
         head.outbox.extend(c.events.iter().cloned());
         // Write the head: the change is committed when this lands.
@@ -797,6 +805,7 @@ impl NatsStore {
                             key: key.to_string(),
                             id: e.id.clone(),
                             spill: None,
+                            published: false,
                         };
                         handed.insert(seq, h);
                         (seq, e.clone())
@@ -997,12 +1006,23 @@ impl NatsStore {
                         key: key.clone(),
                         id: e.id.clone(),
                         spill,
+                        published: false,
                     },
                 );
                 out.push((seq, e));
             }
         }
         Ok(out)
+    }
+
+    /// The publisher's acknowledgement of handed-out events, before `mark_published`.
+    pub fn note_published(&self, seqs: &[i64]) {
+        let mut handed = lock(&self.handed_out);
+        for s in seqs {
+            if let Some(h) = handed.get_mut(s) {
+                h.published = true;
+            }
+        }
     }
 
     pub fn unhand(&self, seqs: &[i64]) {
@@ -1024,7 +1044,10 @@ impl NatsStore {
             let mut handed = lock(&self.handed_out);
             let mut spilled = lock(&self.spill_published);
             for s in seqs {
-                if let Some(HandedOut { key: k, id, spill }) = handed.remove(s) {
+                if let Some(HandedOut {
+                    key: k, id, spill, ..
+                }) = handed.remove(s)
+                {
                     match spill {
                         Some(sp) => {
                             spilled.entry(sp).or_default().insert(id);

@@ -118,6 +118,9 @@ struct HandedOut {
     key: String,
     id: String,
     spill: Option<String>,
+    /// Published, not yet marked: the stream's next commit drops it from the head's outbox
+    /// (a write it makes anyway), so the marker's own write is mostly not needed.
+    published: bool,
 }
 
 /// The body of a work message: which delivery record to attempt.
