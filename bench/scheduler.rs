@@ -149,19 +149,31 @@ async fn child(mode: &str, db: &str, store: &str, host: &str, n: usize, one_stre
             let to_import = engine.apply_declared(&config.streams).await.unwrap();
             istream::memory::trim();
             let after_apply = rss_mb();
+            let peak_apply = peak_rss_mb();
             engine.import_specs(to_import).await;
             istream::memory::trim();
             let startup = t0.elapsed().as_secs_f64();
             let after_import = rss_mb();
+            let peak_import = peak_rss_mb();
+            // From here the high-water mark is the steady phase's own (the figure reported
+            // stays the whole process's: the larger of the two).
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
             let startup_cpu = cpu_seconds() - cpu0;
             // Steady state: every tag due at once (period 1 h), none changes.
             let cancel = tokio_util::sync::CancellationToken::new();
             let cpu1 = cpu_seconds();
             let t1 = Instant::now();
             let task = tokio::spawn(sched.without_start_spread().run(cancel.clone()));
+            let mut peak_loaded = None;
             while CHECKS.load(Ordering::Relaxed) < n as u64 {
+                if peak_loaded.is_none() && CHECKS.load(Ordering::Relaxed) > 0 {
+                    // The scheduler has read the store and its first checks are back.
+                    peak_loaded = Some(peak_rss_mb());
+                }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            let peak_checks = peak_rss_mb();
+            let peak = peak_checks.max(peak_import);
             let secs = t1.elapsed().as_secs_f64();
             let cpu = cpu_seconds() - cpu1;
             cancel.cancel();
@@ -171,13 +183,12 @@ async fn child(mode: &str, db: &str, store: &str, host: &str, n: usize, one_stre
             istream::memory::trim();
             eprintln!("rss MB after checks before trim {before_trim:.1}");
             eprintln!(
-                "rss MB: base {base:.1}, config {after_config:.1}, applied {after_apply:.1}, imported {after_import:.1}, after checks {:.1}, peak {:.1}",
+                "rss MB: base {base:.1}, config {after_config:.1}, applied {after_apply:.1} (peak {peak_apply:.1}), imported {after_import:.1} (peak {peak_import:.1}), scheduler loaded (peak {:.1}), after checks {:.1} (peak {peak_checks:.1})",
+                peak_loaded.unwrap_or_default(),
                 rss_mb(),
-                peak_rss_mb()
             );
             println!(
-                "{{\"startup\":{startup},\"startup_cpu\":{startup_cpu},\"secs\":{secs},\"cpu\":{cpu},\"rss_mb\":{},\"steady_rss_mb\":{}}}",
-                peak_rss_mb(),
+                "{{\"startup\":{startup},\"startup_cpu\":{startup_cpu},\"secs\":{secs},\"cpu\":{cpu},\"rss_mb\":{peak},\"steady_rss_mb\":{}}}",
                 rss_mb()
             );
         }
@@ -249,6 +260,19 @@ async fn run_child(
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    // Where the memory went (the child's own breakdown), for the reader of the figures.
+    for l in String::from_utf8_lossy(&out.stderr).lines() {
+        if l.starts_with("rss MB: ") {
+            println!(
+                "        {n} tags, {}: {l}",
+                if one_stream {
+                    "one stream"
+                } else {
+                    "streams of 100"
+                }
+            );
+        }
+    }
     let line = text
         .lines()
         .rfind(|l| l.starts_with('{'))
@@ -307,7 +331,12 @@ fn main() {
                 "tags", "in streams of", "start-up s", "checks/s", "to HEAD", "to INM", "CPU s/1k", "peak RSS", "steady RSS", "start CPU s"
             );
             let mut rows = Vec::new();
+            // `ISTREAM_BENCH_SHAPES=4000` (tags in one stream) runs only that shape's row.
+            let only: Option<usize> = std::env::var("ISTREAM_BENCH_SHAPES").ok().and_then(|v| v.parse().ok());
             for (n, one) in [(10_000, true), (10_000, false), (4_000, true)] {
+                if only.is_some_and(|o| o != n || !one) {
+                    continue;
+                }
                 let r = run_child("run", store, &reg.host, n, one).await;
                 let rate = n as f64 / r["secs"].as_f64().unwrap();
                 let cpu_per_k = r["cpu"].as_f64().unwrap() / n as f64 * 1000.0;
@@ -322,6 +351,9 @@ fn main() {
                     r["startup_cpu"].as_f64().unwrap(),
                 );
                 rows.push((r, rate));
+            }
+            if only.is_some() {
+                continue;
             }
             let (one, many) = (&rows[0], &rows[1]);
             println!(

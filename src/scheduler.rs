@@ -23,7 +23,6 @@ use crate::config::Schedule;
 use crate::core::view;
 use crate::core::{Engine, SpecChange};
 use crate::model::{Cause, Digest, ImageStream, StreamName, StreamTagRef, TagSpec};
-use crate::store::Scope;
 
 /// Checks completed since start, for benchmarks and `/metrics`.
 pub static CHECKS: AtomicU64 = AtomicU64::new(0);
@@ -182,18 +181,12 @@ impl Scheduler {
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
-        // One stream at a time: a large store never sits in memory whole.
+        // A page of one stream at a time: a large store never sits in memory whole.
         match self.engine.store().keys().await {
             Ok(keys) => {
                 for k in keys {
-                    match self.engine.store().load(&k, Scope::Heads).await {
-                        Ok(Some(l)) => {
-                            self.load_stream(&l.doc, true);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::error!(stream = %k, error = %e, "scheduler cannot read stream")
-                        }
+                    if let Err(e) = self.load_pages(&k, true, &mut Vec::new()).await {
+                        tracing::error!(stream = %k, error = %e, "scheduler cannot read stream")
                     }
                 }
             }
@@ -246,17 +239,29 @@ impl Scheduler {
         inflight.shutdown().await;
     }
 
+    /// Loads (or refreshes) the polled tags of a stream a page at a time; `keys` gets the
+    /// keys of every polled tag seen.
+    async fn load_pages(
+        &mut self,
+        stream_key: &str,
+        at_start: bool,
+        keys: &mut Vec<String>,
+    ) -> Result<(), crate::store::StoreError> {
+        const PAGE: usize = 256;
+        let mut pages = self.engine.store().head_pages(stream_key, PAGE);
+        while let Some(page) = pages.recv().await {
+            keys.extend(self.load_stream(&page?, at_start));
+        }
+        Ok(())
+    }
+
     async fn reload(&mut self, stream_key: &str) {
-        let Some((ns, name)) = stream_key.split_once('/') else {
+        let mut keep = Vec::new();
+        if let Err(e) = self.load_pages(stream_key, false, &mut keep).await {
+            tracing::warn!(stream = stream_key, error = %e, "scheduler cannot re-read stream");
             return;
-        };
-        let doc = match self.engine.store().load(stream_key, Scope::Heads).await {
-            Ok(d) => d.map(|l| l.doc),
-            Err(e) => {
-                tracing::warn!(stream = stream_key, error = %e, "scheduler cannot re-read stream");
-                return;
-            }
-        };
+        }
+        let keep: std::collections::HashSet<String> = keep.into_iter().collect();
         let prefix = format!("{stream_key}:");
         let present: Vec<String> = self
             .entries
@@ -264,12 +269,6 @@ impl Scheduler {
             .filter(|k| k.starts_with(&prefix))
             .cloned()
             .collect();
-        let mut keep = Vec::new();
-        if let Some(doc) = &doc {
-            keep = self.load_stream(doc, false);
-        } else {
-            let _ = (ns, name);
-        }
         for k in present {
             if !keep.contains(&k) {
                 self.entries.remove(&k);

@@ -276,7 +276,9 @@ pub struct DeliveryConfig {
 struct Locator<'a> {
     file: String,
     text: &'a str,
-    table: Option<toml::Spanned<toml::de::DeTable<'a>>>,
+    /// The spanned document, parsed only when an error must be located: a config of
+    /// thousands of tags would otherwise hold a second parse of itself while it loads.
+    table: std::cell::OnceCell<Option<toml::Spanned<toml::de::DeTable<'a>>>>,
 }
 
 enum P<'a> {
@@ -289,7 +291,7 @@ impl<'a> Locator<'a> {
         Locator {
             file: file.display().to_string(),
             text,
-            table: toml::de::DeTable::parse(text).ok(),
+            table: std::cell::OnceCell::new(),
         }
     }
 
@@ -321,7 +323,10 @@ impl<'a> Locator<'a> {
     }
 
     fn find(&self, path: &[P]) -> Option<usize> {
-        let table = self.table.as_ref()?;
+        let table = self
+            .table
+            .get_or_init(|| toml::de::DeTable::parse(self.text).ok())
+            .as_ref()?;
         let mut best = None;
         let mut cur: Option<&toml::de::DeValue> = None;
         for (n, p) in path.iter().enumerate() {

@@ -465,12 +465,15 @@ async fn recheck(s: &AppState, p: &Push) -> Option<String> {
     // A registry may notify before it links the tag to the new manifest (distribution does:
     // the event leaves inside the manifest PUT). When the notification names a digest and the
     // registry still answers another one, look again shortly — but record only what the
-    // registry says.
+    // registry says. distribution links the tag a millisecond or so after it notifies, so the
+    // first looks come quickly (a push's latency is mostly this wait when the race is lost);
+    // the doubling still covers ~2 s in all for a registry that links later.
     let look_again = crate::retry::Backoff::new(
-        std::time::Duration::from_millis(2),
-        std::time::Duration::from_secs(2),
+        std::time::Duration::from_micros(500),
+        std::time::Duration::from_secs(1),
     );
-    for attempt in 0..10 {
+    const LOOKS: u32 = 13;
+    for attempt in 0..LOOKS {
         match s
             .engine
             .pushed(&p.registry, &p.repository, &p.tag, create_in.clone())
@@ -488,7 +491,7 @@ async fn recheck(s: &AppState, p: &Push) -> Option<String> {
                         tags.iter()
                             .any(|(_, seen)| seen.as_ref().is_none_or(|d| d.as_str() != want))
                     });
-                if stale && attempt < 9 {
+                if stale && attempt + 1 < LOOKS {
                     tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, attempt, "the registry does not show the notified image yet; looking again");
                     tokio::time::sleep(look_again.delay(attempt + 1)).await;
                     continue;

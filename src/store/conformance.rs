@@ -286,6 +286,27 @@ async fn big_changes(store: &Store) {
     assert_eq!(l.doc.tags.len(), n as usize);
     let (_, t) = store.tag(key, "t17").await.unwrap().unwrap();
     assert_eq!(t.history, vec![entry(17)]);
+    // read a page at a time (the scheduler's read): every tag once, with its head, in pages
+    // no bigger than asked
+    let mut pages = store.head_pages(key, 256);
+    let mut seen = std::collections::BTreeMap::new();
+    let mut count = 0;
+    while let Some(page) = pages.recv().await {
+        let page = page.unwrap();
+        assert!(page.tags.len() <= 256 && !page.tags.is_empty());
+        assert_eq!(
+            (page.namespace.as_str(), page.name.as_str()),
+            ("default", "big")
+        );
+        count += 1;
+        for (name, t) in page.tags {
+            assert!(seen.insert(name, t).is_none(), "a tag in two pages");
+        }
+    }
+    assert_eq!(seen.len(), n as usize);
+    assert_eq!(count, (n as usize).div_ceil(256));
+    assert_eq!(seen["t17"].history, vec![entry(17)]);
+    assert!(store.head_pages("default/none", 256).recv().await.is_none());
     let pending = store.pending_events(100_000).await.unwrap();
     let ids: std::collections::BTreeSet<&str> =
         pending.iter().map(|(_, e)| e.id.as_str()).collect();

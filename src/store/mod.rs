@@ -283,6 +283,52 @@ impl Store {
         blocking!(self, s => s.load(&key, &scope), n => n.load(&key, &scope))
     }
 
+    /// The tags of a stream with their heads (as `Scope::Heads`), `page` tags at a time, each
+    /// page a partial stream: the scheduler reads a stream of any size holding a page of it,
+    /// not all of it. No page: no such stream, or no tags; an error ends the pages.
+    pub fn head_pages(
+        &self,
+        key: &str,
+        page: usize,
+    ) -> mpsc::Receiver<Result<ImageStream, StoreError>> {
+        let (tx, rx) = mpsc::channel(1);
+        let key = key.to_string();
+        let page = page.max(1);
+        match self {
+            Store::Sqlite(s) => {
+                let s = s.clone();
+                // A query per page, the connection free between them.
+                tokio::task::spawn_blocking(move || {
+                    let mut after = String::new();
+                    loop {
+                        let doc = match s.head_page(&key, &after, page) {
+                            Ok(Some(doc)) if !doc.tags.is_empty() => doc,
+                            Ok(_) => return,
+                            Err(e) => {
+                                let _ = tx.blocking_send(Err(e));
+                                return;
+                            }
+                        };
+                        let full = doc.tags.len() >= page;
+                        after = doc.tags.keys().next_back().cloned().unwrap_or_default();
+                        if tx.blocking_send(Ok(doc)).is_err() || !full {
+                            return;
+                        }
+                    }
+                });
+            }
+            Store::Nats(n) => {
+                let n = n.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = n.head_pages(&key, page, &tx).await {
+                        let _ = tx.send(Err(e)).await;
+                    }
+                });
+            }
+        }
+        rx
+    }
+
     /// One tag with its whole history (`get istag`, `describe istag`).
     pub async fn tag(
         &self,

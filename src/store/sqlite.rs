@@ -462,6 +462,36 @@ impl SqliteStore {
         Ok(Some(Loaded { doc, rev, tag_revs }))
     }
 
+    /// One page of stream `key`'s tags with their heads: the first `limit` tags named after
+    /// `after`, in name order (None: no such stream).
+    pub fn head_page(
+        &self,
+        key: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Option<ImageStream>, StoreError> {
+        let c = self.conn();
+        let Some((mut doc, _)) = Self::stream_row(&c, key)? else {
+            return Ok(None);
+        };
+        let mut st = c
+            .prepare_cached(
+                "SELECT tag, doc FROM tags WHERE stream = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3",
+            )
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(rusqlite::params![key, after, limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(db_err)?;
+        for r in rows {
+            let (name, t) = r.map_err(db_err)?;
+            doc.tags
+                .insert(name, serde_json::from_str(&t).map_err(json_err)?);
+        }
+        Ok(Some(doc))
+    }
+
     pub fn tag(&self, key: &str, tag: &str) -> Result<Option<(ImageStream, Tag)>, StoreError> {
         let c = self.conn();
         let Some((doc, _)) = Self::stream_row(&c, key)? else {

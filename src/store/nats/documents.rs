@@ -187,51 +187,83 @@ pub(super) async fn scan(
     pattern: &str,
     what: &str,
 ) -> Result<Vec<(String, u64, Bytes)>, StoreError> {
-    use jetstream::consumer::{DeliverPolicy, pull};
-    let err = |e: &dyn std::fmt::Display| backend(&format!("listing of {what}"), e);
-    let consumer = kv
-        .stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: format!("{}{pattern}", kv.prefix),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(&e))?;
     let mut out = Vec::new();
-    if consumer.cached_info().num_pending == 0 {
-        return Ok(out);
-    }
-    let mut msgs = consumer.messages().await.map_err(|e| err(&e))?;
-    loop {
-        // Ordered delivery on loopback is fast; a scan that stops short of its count saw an
-        // entry purged under it, and is failed rather than returned incomplete.
-        let next = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await;
-        let m = match next {
-            Ok(Some(m)) => m.map_err(|e| err(&e))?,
-            Ok(None) => break,
-            Err(_) => return Err(err(&"no complete answer within 10 s; try again")),
-        };
-        let info = m.info().map_err(|e| err(&e))?;
-        let (seq, pending) = (info.stream_sequence, info.pending);
-        let op = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("KV-Operation"))
-            .map(|v| v.as_str().to_string());
-        if op.is_none() {
-            let key = m
-                .subject
-                .strip_prefix(kv.prefix.as_str())
-                .unwrap_or(&m.subject)
-                .to_string();
-            out.push((key, seq, m.payload.clone()));
-        }
-        if pending == 0 {
-            break;
-        }
+    let mut scan = Scan::open(kv, pattern, what).await?;
+    while let Some(e) = scan.next().await? {
+        out.push(e);
     }
     Ok(out)
+}
+
+/// `scan` an entry at a time, for readers that must not hold every entry at once.
+pub(super) struct Scan<'a> {
+    kv: &'a kv::Store,
+    what: &'a str,
+    msgs: Option<jetstream::consumer::pull::Ordered>,
+}
+
+impl<'a> Scan<'a> {
+    pub(super) async fn open(
+        kv: &'a kv::Store,
+        pattern: &str,
+        what: &'a str,
+    ) -> Result<Scan<'a>, StoreError> {
+        use jetstream::consumer::{DeliverPolicy, pull};
+        let err = |e: &dyn std::fmt::Display| backend(&format!("listing of {what}"), e);
+        let consumer = kv
+            .stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: format!("{}{pattern}", kv.prefix),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(&e))?;
+        let msgs = if consumer.cached_info().num_pending == 0 {
+            None
+        } else {
+            Some(consumer.messages().await.map_err(|e| err(&e))?)
+        };
+        Ok(Scan { kv, what, msgs })
+    }
+
+    /// The next live entry (key, revision, value), or None when all were delivered.
+    pub(super) async fn next(&mut self) -> Result<Option<(String, u64, Bytes)>, StoreError> {
+        let what = self.what;
+        let err = |e: &dyn std::fmt::Display| backend(&format!("listing of {what}"), e);
+        while let Some(msgs) = self.msgs.as_mut() {
+            // Ordered delivery on loopback is fast; a scan that stops short of its count saw an
+            // entry purged under it, and is failed rather than returned incomplete.
+            let next = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await;
+            let m = match next {
+                Ok(Some(m)) => m.map_err(|e| err(&e))?,
+                Ok(None) => {
+                    self.msgs = None;
+                    break;
+                }
+                Err(_) => return Err(err(&"no complete answer within 10 s; try again")),
+            };
+            let info = m.info().map_err(|e| err(&e))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if pending == 0 {
+                self.msgs = None;
+            }
+            let deleted = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some();
+            if !deleted {
+                let key = m
+                    .subject
+                    .strip_prefix(self.kv.prefix.as_str())
+                    .unwrap_or(&m.subject)
+                    .to_string();
+                return Ok(Some((key, seq, m.payload.clone())));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Removes every message of the subjects `pattern` matches, markers too (a dropped history
@@ -578,6 +610,41 @@ impl NatsStore {
         }))
     }
 
+    /// The tags of stream `key` with their heads, `page` at a time (partial streams), sent to
+    /// `tx` as the records arrive: a reader of a big stream holds a page, never all of it.
+    pub async fn head_pages(
+        &self,
+        key: &str,
+        page: usize,
+        tx: &tokio::sync::mpsc::Sender<Result<ImageStream, StoreError>>,
+    ) -> Result<(), StoreError> {
+        let Some(head) = self.live_head(key).await? else {
+            return Ok(());
+        };
+        let Some(meta) = &head.meta else {
+            return Ok(());
+        };
+        let what = format!("tags of {key}");
+        let mut scan = Scan::open(&self.tags, &format!("{}.*", token(key)), &what).await?;
+        let mut doc = meta.stream();
+        while let Some((_, _, v)) = scan.next().await? {
+            let rec: TagRecord = serde_json::from_slice(&v).map_err(|x| corrupt(&what, x))?;
+            doc.tags.insert(rec.name, rec.tag);
+            if doc.tags.len() >= page
+                && tx
+                    .send(Ok(std::mem::replace(&mut doc, meta.stream())))
+                    .await
+                    .is_err()
+            {
+                return Ok(());
+            }
+        }
+        if !doc.tags.is_empty() {
+            let _ = tx.send(Ok(doc)).await;
+        }
+        Ok(())
+    }
+
     pub async fn tag(
         &self,
         key: &str,
@@ -885,10 +952,9 @@ impl NatsStore {
             .map(|(name, t)| TagWrite {
                 name: name.clone(),
                 expected_rev: None,
-                tag: Some(Tag {
-                    history: Vec::new(),
-                    ..t.clone()
-                }),
+                // The record keeps the newest entries as any tag write does (heads readers
+                // such as the scheduler see the current image); all of them go to history.
+                tag: Some(recent(t)),
                 new_entries: t.history.clone(),
                 head_update: None,
             })
