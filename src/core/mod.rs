@@ -1344,45 +1344,53 @@ impl Engine {
         &self,
         declared: &[DeclaredStream],
     ) -> Result<Vec<(StreamTagRef, TagSpec)>, CoreError> {
+        /// Declared tags applied per change: a stream declared with thousands of tags is
+        /// applied a part at a time (each part a change of its own, and a restart re-applies
+        /// whatever a crash left undone), never loaded or written whole.
+        const PART: usize = 256;
         let mut to_import = Vec::new();
         for ds in declared {
             let mut changed: Vec<(StreamTagRef, TagSpec)> = Vec::new();
-            let stream = self
-                .mutate(&ds.name, true, Scope::All, |s| {
-                    for dt in &ds.tags {
-                        let current = s.tags.get(&dt.name);
-                        if current.is_some_and(|t| t.declared.as_deref() == Some(&dt.hash)) {
-                            continue;
+            for part in ds.tags.chunks(PART) {
+                let names = part.iter().map(|dt| dt.name.clone()).collect();
+                let stream = self
+                    .mutate(&ds.name, true, Scope::Tags(names), |s| {
+                        for dt in part {
+                            let current = s.tags.get(&dt.name);
+                            if current.is_some_and(|t| t.declared.as_deref() == Some(&dt.hash)) {
+                                continue;
+                            }
+                            let t = s.set_spec(&dt.name, dt.spec.clone());
+                            t.declared = Some(dt.hash.clone());
                         }
-                        let t = s.set_spec(&dt.name, dt.spec.clone());
-                        t.declared = Some(dt.hash.clone());
+                        // Declared copies and pins take their image now.
+                        for dt in part {
+                            resolve_local_spec(s, &dt.name);
+                        }
+                        Ok(())
+                    })
+                    .await;
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(stream = %ds.name, error = %e, "cannot apply declared stream");
+                        break;
                     }
-                    // Declared copies and pins take their image now.
-                    for dt in &ds.tags {
-                        resolve_local_spec(s, &dt.name);
-                    }
-                    Ok(())
-                })
-                .await;
-            let stream = match stream {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(stream = %ds.name, error = %e, "cannot apply declared stream");
-                    continue;
-                }
-            };
-            for dt in &ds.tags {
-                if let Some(t) = stream.tags.get(&dt.name)
-                    && matches!(t.spec.from, TagFrom::Image(_) | TagFrom::Policy(_))
-                    && t.declared.as_deref() == Some(&dt.hash)
-                {
-                    let imported_at_gen = t.history.first().map(|h| h.generation).unwrap_or(-1);
-                    let failed_at_gen = t.import_error().map(|c| c.generation).unwrap_or(-1);
-                    if imported_at_gen < t.spec_generation && failed_at_gen < t.spec_generation {
-                        changed.push((
-                            StreamTagRef::new(ds.name.clone(), &dt.name)?,
-                            t.spec.clone(),
-                        ));
+                };
+                for dt in part {
+                    if let Some(t) = stream.tags.get(&dt.name)
+                        && matches!(t.spec.from, TagFrom::Image(_) | TagFrom::Policy(_))
+                        && t.declared.as_deref() == Some(&dt.hash)
+                    {
+                        let imported_at_gen = t.history.first().map(|h| h.generation).unwrap_or(-1);
+                        let failed_at_gen = t.import_error().map(|c| c.generation).unwrap_or(-1);
+                        if imported_at_gen < t.spec_generation && failed_at_gen < t.spec_generation
+                        {
+                            changed.push((
+                                StreamTagRef::new(ds.name.clone(), &dt.name)?,
+                                t.spec.clone(),
+                            ));
+                        }
                     }
                 }
             }

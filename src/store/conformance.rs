@@ -289,7 +289,7 @@ async fn big_changes(store: &Store) {
     // read a page at a time (the scheduler's read): every tag once, with its head, in pages
     // no bigger than asked
     let mut pages = store.head_pages(key, 256);
-    let mut seen = std::collections::BTreeMap::new();
+    let mut seen = BTreeMap::new();
     let mut count = 0;
     while let Some(page) = pages.recv().await {
         let page = page.unwrap();

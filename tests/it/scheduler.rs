@@ -129,3 +129,48 @@ async fn retry_after_pauses_the_registry() {
         );
     }
 }
+
+/// A stream declared with more tags than one change applies (parts of 256): every tag gets its
+/// image and is polled, and an alias declared in a later part follows a tag of the first part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_declared_with_hundreds_of_tags_is_applied_whole() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    let d1 = push.image("a/big", "latest", "1").await;
+    let mut cfg = format!(
+        "[schedule]\ninterval = \"1s\"\n\n[[registry]]\nhost = \"{}\"\nmax_requests_per_second = 0\n\n[[stream]]\nname = \"big\"\ntags = [\n",
+        reg.host
+    );
+    for i in 0..600 {
+        cfg += &format!(
+            "  {{ name = \"t{i:03}\", from.image = \"{}/a/big:latest\", scheduled = true }},\n",
+            reg.host
+        );
+    }
+    cfg += "  { name = \"zz-latest\", from.tag = \"t000\", alias = true },\n]\n";
+    let e = Engine::start(&cfg);
+    for t in [
+        "big:t000",
+        "big:t255",
+        "big:t256",
+        "big:t599",
+        "big:zz-latest",
+    ] {
+        wait_for(&format!("{t} imported"), || async {
+            e.istag(t).filter(|j| j["digest"] == d1.as_str())
+        })
+        .await;
+    }
+    // Every part is polled: a new image reaches the last tag and, through t000, the alias.
+    let d2 = push.image("a/big", "latest", "2").await;
+    for t in ["big:t599", "big:zz-latest"] {
+        wait_for(&format!("{t} follows the registry"), || async {
+            e.istag(t).filter(|j| j["digest"] == d2.as_str())
+        })
+        .await;
+    }
+    let o = e.cli(&["get", "is", "big", "-o", "json"]);
+    expect_code(&o, 0);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["tags"].as_array().map(Vec::len), Some(601), "{s}");
+}
