@@ -181,6 +181,8 @@ impl Scheduler {
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
+        // Spec changes announced before this first read are in what it reads.
+        while self.rx.try_recv().is_ok() {}
         // A page of one stream at a time: a large store never sits in memory whole.
         match self.engine.store().keys().await {
             Ok(keys) => {
@@ -225,7 +227,17 @@ impl Scheduler {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 msg = self.rx.recv() => match msg {
-                    Some(SpecChange::Stream(key)) => self.reload(&key).await,
+                    Some(SpecChange::Stream(key)) => {
+                        // A burst of spec changes (a declaration applied in parts, a script
+                        // tagging many tags) re-reads each stream once.
+                        let mut keys = std::collections::BTreeSet::from([key]);
+                        while let Ok(SpecChange::Stream(k)) = self.rx.try_recv() {
+                            keys.insert(k);
+                        }
+                        for k in keys {
+                            self.reload(&k).await;
+                        }
+                    }
                     None => break,
                 },
                 Some(done) = inflight.join_next(), if !inflight.is_empty() => {
