@@ -4,10 +4,16 @@
 
 use libfuzzer_sys::fuzz_target;
 
+/// The source to fuzz alone, read once (not per input).
+fn only() -> Option<&'static str> {
+    static ONLY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ONLY.get_or_init(|| std::env::var("ISTREAM_FUZZ_SOURCE").ok())
+        .as_deref()
+}
+
 fuzz_target!(|data: &[u8]| {
-    let only = std::env::var("ISTREAM_FUZZ_SOURCE").ok();
     for source in istream::hooks::SOURCES {
-        if only.as_deref().is_none_or(|o| o == source) {
+        if only().is_none_or(|o| o == source) {
             let _ = istream::hooks::parse_for_fuzz(source, data);
         }
     }
