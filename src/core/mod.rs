@@ -471,8 +471,10 @@ impl Engine {
         if !built {
             let mut index = PushIndex::default();
             for key in self.store.keys().await? {
-                if let Some(l) = self.store.load(&key, Scope::Heads).await? {
-                    for (r, tag) in tracked_refs(&l.doc) {
+                // A page at a time, as the scheduler reads: no stream is held whole.
+                let mut pages = self.store.head_pages(&key, 256);
+                while let Some(page) = pages.recv().await {
+                    for (r, tag) in tracked_refs(&page?) {
                         index.entry(r).or_default().insert((key.clone(), tag));
                     }
                 }
