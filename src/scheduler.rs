@@ -259,8 +259,10 @@ impl Scheduler {
         at_start: bool,
         keys: &mut Vec<String>,
     ) -> Result<(), crate::store::StoreError> {
-        const PAGE: usize = 256;
-        let mut pages = self.engine.store().head_pages(stream_key, PAGE);
+        let mut pages = self
+            .engine
+            .store()
+            .head_pages(stream_key, crate::store::HEAD_PAGE);
         while let Some(page) = pages.recv().await {
             keys.extend(self.load_stream(&page?, at_start));
         }

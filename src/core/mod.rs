@@ -472,7 +472,7 @@ impl Engine {
             let mut index = PushIndex::default();
             for key in self.store.keys().await? {
                 // A page at a time, as the scheduler reads: no stream is held whole.
-                let mut pages = self.store.head_pages(&key, 256);
+                let mut pages = self.store.head_pages(&key, crate::store::HEAD_PAGE);
                 while let Some(page) = pages.recv().await {
                     for (r, tag) in tracked_refs(&page?) {
                         index.entry(r).or_default().insert((key.clone(), tag));

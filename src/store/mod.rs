@@ -235,6 +235,10 @@ impl Handoff {
     }
 }
 
+/// Tags per page for readers of whole streams (`Store::head_pages`): small enough that a
+/// page of a 10,000-tag stream is a few hundred KiB, big enough that a page is one query.
+pub const HEAD_PAGE: usize = 256;
+
 #[derive(Clone)]
 pub enum Store {
     Sqlite(Arc<sqlite::SqliteStore>),
