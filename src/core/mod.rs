@@ -136,6 +136,13 @@ pub struct Engine {
 type Listing = (std::time::Instant, Result<Vec<String>, RegistryError>);
 
 /// What a policy check decided.
+/// What `explain` knows of the tag's current image before the change: read by the caller
+/// already (the push and policy paths hold it), or to be read.
+enum Before {
+    Unread,
+    Read(Option<Box<HistoryEntry>>),
+}
+
 enum PolicyChoice {
     /// Move to this repository tag's image.
     Move(String, ImageRef, Box<Resolved>),
@@ -672,6 +679,7 @@ impl Engine {
             .load(&tag.stream.key(), Scope::Tags(vec![tag.tag.clone()]))
             .await?
             .and_then(|l| l.doc.tags.get(&tag.tag).cloned());
+        let current_image = current.as_ref().and_then(|c| c.current().cloned());
         // The choice so far counts only under the same policy.
         let same_policy = current.as_ref().is_some_and(|c| c.spec.from == spec.from);
         let cur_source = current
@@ -747,8 +755,14 @@ impl Engine {
         let details = match &decided {
             Ok(PolicyChoice::Move(_, r, res)) => {
                 let image_spec = TagSpec::new(TagFrom::Image(r.to_string()));
-                self.explain(tag, &image_spec, &Ok((r.clone(), (**res).clone())))
-                    .await
+                let res = Ok((r.clone(), (**res).clone()));
+                self.explain(
+                    tag,
+                    &image_spec,
+                    &res,
+                    Before::Read(current_image.map(Box::new)),
+                )
+                .await
             }
             _ => None,
         };
@@ -805,19 +819,23 @@ impl Engine {
         tag: &StreamTagRef,
         spec: &TagSpec,
         result: &Result<(ImageRef, Resolved), RegistryError>,
+        before: Before,
     ) -> Option<Details> {
         const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
         let Ok((r, res)) = result else { return None };
         if res.unchanged || !self.registry.fetch_details(&r.registry) {
             return None;
         }
-        let previous = self
-            .store
-            .load(&tag.stream.key(), Scope::Tags(vec![tag.tag.clone()]))
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.doc.tags.get(&tag.tag).and_then(|t| t.current().cloned()));
+        let previous = match before {
+            Before::Read(current) => current.map(|c| *c),
+            Before::Unread => self
+                .store
+                .load(&tag.stream.key(), Scope::Tags(vec![tag.tag.clone()]))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.doc.tags.get(&tag.tag).and_then(|t| t.current().cloned())),
+        };
         if previous.as_ref().is_some_and(|p| p.digest == res.digest) {
             return None;
         }
@@ -902,8 +920,22 @@ impl Engine {
         cause: Cause,
         create: bool,
     ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
+        self.record_result(tag, spec, result, cause, create, Before::Unread)
+            .await
+    }
+
+    /// `record_import`, with what the caller already read of the tag's current image.
+    async fn record_result(
+        &self,
+        tag: &StreamTagRef,
+        spec: &TagSpec,
+        result: Result<(ImageRef, Resolved), RegistryError>,
+        cause: Cause,
+        create: bool,
+        before: Before,
+    ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
         let err = result.as_ref().err().cloned();
-        let details = self.explain(tag, spec, &result).await;
+        let details = self.explain(tag, spec, &result, before).await;
         let stream = self
             .mutate(
                 &tag.stream,
@@ -1006,7 +1038,7 @@ impl Engine {
         // `tag` commands for one tag are then each recorded, in the order they commit.
         let result = self.resolve(&spec, None).await;
         let err = result.as_ref().err().cloned();
-        let details = self.explain(tag, &spec, &result).await;
+        let details = self.explain(tag, &spec, &result, Before::Unread).await;
         self.mutate(&tag.stream, true, Scope::Tags(vec![tag.tag.clone()]), |s| {
             s.set_spec(&tag.tag, spec.clone());
             apply_result(s, &tag.tag, &spec, &result, cause, details.as_ref());
@@ -1439,7 +1471,7 @@ impl Engine {
         tag: &str,
         create_in: Option<StreamTagRef>,
     ) -> Result<Vec<(StreamTagRef, Option<Digest>)>, CoreError> {
-        let mut targets: Vec<(StreamTagRef, TagSpec)> = Vec::new();
+        let mut targets: Vec<(StreamTagRef, TagSpec, Option<HistoryEntry>)> = Vec::new();
         let mut streams = Vec::new();
         let wanted = format!("{registry}/{repository}:{tag}");
         // Policy tags of the repository re-evaluate on any push to it.
@@ -1490,6 +1522,7 @@ impl Engine {
                     targets.push((
                         StreamTagRef::new(StreamName::new(&s.namespace, &s.name)?, name)?,
                         t.spec.clone(),
+                        t.current().cloned(),
                     ));
                 }
             }
@@ -1505,7 +1538,7 @@ impl Engine {
             let result = self.resolve_with(&spec, None, true).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             if result.is_ok() {
-                let details = self.explain(&dest, &spec, &result).await;
+                let details = self.explain(&dest, &spec, &result, Before::Unread).await;
                 self.mutate(
                     &dest.stream,
                     true,
@@ -1530,12 +1563,20 @@ impl Engine {
             done.push((dest, seen));
             return Ok(done);
         }
-        for (t, spec) in targets {
+        for (t, spec, current) in targets {
             let result = self.resolve_with(&spec, None, true).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             if result.is_ok() {
-                self.record_import(&t, &spec, result, Cause::Push, false)
-                    .await?;
+                // The tag as read just now: its details are compared without reading it again.
+                self.record_result(
+                    &t,
+                    &spec,
+                    result,
+                    Cause::Push,
+                    false,
+                    Before::Read(current.map(Box::new)),
+                )
+                .await?;
             }
             done.push((t, seen));
         }

@@ -101,11 +101,14 @@ fn wanted_event(source: &str) -> Option<(&'static [&'static str], &'static str)>
     }
 }
 
+/// A re-check under way: the run asked for meanwhile, and the hint writes it covers.
+type Running = (Option<Rerun>, Vec<Written>);
+
 #[derive(Default)]
 pub struct HookState {
     /// Re-checks running per `registry/repo:tag`, with the run asked for by pushes that
-    /// arrived meanwhile.
-    running: Mutex<HashMap<String, Option<Rerun>>>,
+    /// arrived meanwhile and the recording of their hints.
+    running: Mutex<HashMap<String, Running>>,
     /// The digest each recent re-check found per `registry/repo:tag`: a notification naming
     /// it again within `CONFIRMED_FOR` (a registry's retry, a second endpoint, a replay) costs
     /// no registry request.
@@ -113,13 +116,27 @@ pub struct HookState {
     limit: Option<Arc<tokio::sync::Semaphore>>,
     /// Group commit of push hints: notifications that arrive together are recorded in one
     /// store transaction, so a burst does not queue behind a write per request.
-    writer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HintBatch>>,
+    writer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HintOp>>,
 }
 
-type HintBatch = (
-    Vec<Hint>,
-    tokio::sync::oneshot::Sender<Result<(), StoreError>>,
-);
+enum HintOp {
+    Write(
+        Vec<Hint>,
+        tokio::sync::watch::Sender<Option<Result<(), StoreError>>>,
+    ),
+    Drop(String),
+}
+
+/// The outcome of recording a notification's hints, once written: awaited by the request
+/// (its answer) and by the re-checks it started (a hint is dropped only after it is written).
+type Written = tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>;
+
+async fn written(mut w: Written) -> Result<(), StoreError> {
+    match w.wait_for(Option::is_some).await {
+        Ok(r) => r.clone().unwrap_or(Ok(())),
+        Err(_) => Err(StoreError::Backend("the hint writer stopped".into())),
+    }
+}
 
 /// How long a re-check's answer stands for notifications that name the same digest.
 const CONFIRMED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
@@ -127,40 +144,72 @@ const CONFIRMED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 const CONFIRMED_MAX: usize = 10_000;
 
 impl HookState {
-    /// Records `hints` durably, together with those of concurrent notifications.
-    async fn record(&self, store: &Store, hints: Vec<Hint>) -> Result<(), StoreError> {
-        let writer = self.writer.get_or_init(|| {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<HintBatch>();
+    /// The hint writer: one task that applies hint writes and drops in the order they were
+    /// asked for, writes that arrive together in one store transaction (group commit: a
+    /// burst does not queue behind a write per request). The order is what keeps a hint
+    /// written for a new notification from being dropped by the re-check before it.
+    fn writer(&self, store: &Store) -> &tokio::sync::mpsc::UnboundedSender<HintOp> {
+        self.writer.get_or_init(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<HintOp>();
             let store = store.clone();
             // Not in the task tracker on purpose: it ends when the hook state goes, and the
             // requests waiting on it are tracked (they hold their answer until it has written).
             tokio::spawn(async move {
                 while let Some(first) = rx.recv().await {
-                    let mut batch = vec![first];
-                    while batch.len() < 256
+                    let mut ops = vec![first];
+                    while ops.len() < 256
                         && let Ok(more) = rx.try_recv()
                     {
-                        batch.push(more);
+                        ops.push(more);
                     }
-                    // One row per key: the latest notification's digest.
-                    let mut by_key: std::collections::BTreeMap<String, Hint> = Default::default();
-                    for h in batch.iter().flat_map(|(h, _)| h.iter()) {
-                        by_key.insert(h.key(), h.clone());
-                    }
-                    let result = store.record_hints(by_key.into_values().collect()).await;
-                    for (_, done) in batch {
-                        let _ = done.send(result.clone());
+                    let mut ops = ops.into_iter().peekable();
+                    while ops.peek().is_some() {
+                        let mut writes = Vec::new();
+                        while let Some(HintOp::Write(hints, done)) =
+                            ops.next_if(|o| matches!(o, HintOp::Write(..)))
+                        {
+                            writes.push((hints, done));
+                        }
+                        if !writes.is_empty() {
+                            // One row per key: the latest notification's digest.
+                            let mut by_key: std::collections::BTreeMap<String, Hint> =
+                                Default::default();
+                            for h in writes.iter().flat_map(|(h, _)| h.iter()) {
+                                by_key.insert(h.key(), h.clone());
+                            }
+                            let result = store.record_hints(by_key.into_values().collect()).await;
+                            for (_, done) in writes {
+                                done.send_replace(Some(result.clone()));
+                            }
+                        }
+                        while let Some(HintOp::Drop(key)) =
+                            ops.next_if(|o| matches!(o, HintOp::Drop(..)))
+                        {
+                            match store.drop_hint(&key).await {
+                                Ok(()) => tracing::debug!(hint = %key, "push hint dropped"),
+                                Err(e) => {
+                                    tracing::warn!(hint = %key, error = %e, "cannot drop a re-checked push hint; it is re-checked again at the next start")
+                                }
+                            }
+                        }
                     }
                 }
             });
             tx
-        });
-        let (done, wait) = tokio::sync::oneshot::channel();
-        if writer.send((hints, done)).is_err() {
-            return Err(StoreError::Backend("the hint writer stopped".into()));
-        }
-        wait.await
-            .unwrap_or_else(|_| Err(StoreError::Backend("the hint writer stopped".into())))
+        })
+    }
+
+    /// Records `hints` durably, together with those of concurrent notifications.
+    fn record(&self, store: &Store, hints: Vec<Hint>) -> Written {
+        let (done, wait) = tokio::sync::watch::channel(None);
+        // A writer gone drops `done`: the waiters see it stopped.
+        let _ = self.writer(store).send(HintOp::Write(hints, done));
+        wait
+    }
+
+    /// Drops the hint of `key` after the writes asked for before.
+    fn drop_hint(&self, store: &Store, key: String) {
+        let _ = self.writer(store).send(HintOp::Drop(key));
     }
 
     fn already_confirmed(&self, key: &str, digest: Option<&str>) -> bool {
@@ -314,23 +363,21 @@ pub async fn handle(
     };
     pushes.retain(|p| !s.hooks.already_confirmed(&hint_key(p), p.digest.as_deref()));
     // Durable before the answer: a crash after the 2xx leaves the hints for the next start.
-    // A store that cannot take them answers 503, so the sender delivers again.
-    if !pushes.is_empty() {
-        let hints = pushes.iter().map(hint_of).collect();
-        if let Err(e) = s.hooks.record(s.engine.store(), hints).await {
-            tracing::error!(source = %source, error = %e, "cannot record push hints");
-            return ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("/hooks/{source}: cannot record the notification yet ({e}); send it again"),
-            )
-            .into_response();
-        }
+    // A store that cannot take them answers 503, so the sender delivers again. The re-checks
+    // need not wait for the write (a hint is only a reminder), so they start with it.
+    let n = pushes.len();
+    if let Some(recorded) = record_and_recheck(&s, pushes)
+        && let Err(e) = written(recorded).await
+    {
+        tracing::error!(source = %source, error = %e, "cannot record push hints");
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("/hooks/{source}: cannot record the notification yet ({e}); send it again"),
+        )
+        .into_response();
     }
     crate::metrics::hook(&source, "accepted");
-    tracing::debug!(source = %source, pushes = pushes.len(), "hook accepted");
-    for p in pushes {
-        start_recheck(&s, p);
-    }
+    tracing::debug!(source = %source, pushes = n, "hook accepted");
     (
         StatusCode::OK,
         axum::Json(serde_json::json!({"accepted": true})),
@@ -362,7 +409,7 @@ pub async fn resume_hints(s: &AppState) {
                 );
             }
             for h in hints {
-                start_recheck(
+                resume_recheck(
                     s,
                     Push {
                         registry: h.registry,
@@ -400,21 +447,70 @@ fn merge_rerun(pending: Option<Rerun>, digest: Option<&str>) -> Rerun {
     }
 }
 
-/// Runs the re-check of one pushed tag in the background, coalesced: while one runs for the
-/// tag, further notifications only ask for one more run after it, and not even that when
-/// they named the digest the run found (a burst of identical notifications costs one check).
-/// The hint is dropped when no run is left.
-fn start_recheck(s: &AppState, p: Push) {
+/// Records the hints of `pushes` and re-checks their tags, coalesced: while a re-check runs
+/// for a tag, further notifications only ask for one more run after it, and not even that
+/// when they named the digest the run found (a burst of identical notifications costs one
+/// check); nor do they write again once that re-check's hint is written (the hint stays
+/// until a run that covers them has finished). Returns the write to wait for, if any.
+fn record_and_recheck(s: &AppState, pushes: Vec<Push>) -> Option<Written> {
+    let hooks = &s.hooks;
+    let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
+    let (joined, new): (Vec<Push>, Vec<Push>) = pushes.into_iter().partition(|p| {
+        running
+            .get(&hint_key(p))
+            .is_some_and(|(_, writes)| writes.iter().any(|w| matches!(*w.borrow(), Some(Ok(())))))
+    });
+    for p in &joined {
+        if let Some((again, _)) = running.get_mut(&hint_key(p)) {
+            *again = Some(merge_rerun(again.take(), p.digest.as_deref()));
+        }
+    }
+    if new.is_empty() {
+        return None;
+    }
+    // Asked for under the lock that a finishing re-check drops its hint under: the writer
+    // applies this write after any drop of a re-check this notification did not join.
+    let recorded = hooks.record(s.engine.store(), new.iter().map(hint_of).collect());
+    let mut start = Vec::new();
+    for p in new {
+        let key = hint_key(&p);
+        match running.get_mut(&key) {
+            Some((again, writes)) => {
+                *again = Some(merge_rerun(again.take(), p.digest.as_deref()));
+                writes.push(recorded.clone());
+            }
+            None => {
+                running.insert(key, (None, vec![recorded.clone()]));
+                start.push(p);
+            }
+        }
+    }
+    drop(running);
+    for p in start {
+        spawn_recheck(s, p);
+    }
+    Some(recorded)
+}
+
+/// Re-checks a hint read back from the store (its row is written already).
+fn resume_recheck(s: &AppState, p: Push) {
     let key = hint_key(&p);
-    let hooks = s.hooks.clone();
     {
-        let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(again) = running.get_mut(&key) {
+        let mut running = s.hooks.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((again, _)) = running.get_mut(&key) {
             *again = Some(merge_rerun(again.take(), p.digest.as_deref()));
             return;
         }
-        running.insert(key.clone(), None);
+        running.insert(key, (None, Vec::new()));
     }
+    spawn_recheck(s, p);
+}
+
+/// The re-check task of one pushed tag (registered in `running` by the caller): runs until
+/// no run is asked for, then drops the tag's hint.
+fn spawn_recheck(s: &AppState, p: Push) {
+    let key = hint_key(&p);
+    let hooks = s.hooks.clone();
     let state = s.clone();
     s.tasks.spawn(async move {
         let _permit = match &hooks.limit {
@@ -435,21 +531,20 @@ fn start_recheck(s: &AppState, p: Push) {
                 seen
             };
             let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
-            match running.get_mut(&key).and_then(Option::take) {
+            match running.get_mut(&key).and_then(|(again, _)| again.take()) {
                 Some(again) if !again.answered_by(seen.as_deref()) => {
                     p.digest = again.0;
                     continue;
                 }
                 _ => {
+                    // Under the lock: see `record_and_recheck`.
                     running.remove(&key);
+                    hooks.drop_hint(state.engine.store(), key.clone());
                     break;
                 }
             }
         }
         tracing::debug!(hint = %key, runs, "push re-checks done");
-        if let Err(e) = state.engine.store().drop_hint(&key).await {
-            tracing::warn!(hint = %key, error = %e, "cannot drop a re-checked push hint; it is re-checked again at the next start");
-        }
     });
 }
 

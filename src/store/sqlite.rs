@@ -780,7 +780,7 @@ impl SqliteStore {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
-        {
+        if !done.is_empty() {
             let mut c = self.conn();
             let tx = c.transaction().map_err(db_err)?;
             for d in done {

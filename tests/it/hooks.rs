@@ -489,6 +489,22 @@ async fn a_burst_of_identical_notifications_costs_one_check() {
         2
     );
     assert_eq!(rx.count("/b"), 1);
+    // The burst's hint is gone once re-checked: a restart has nothing to re-check.
+    wait_for("the re-checked hint to be dropped", || async {
+        e.log.find("push hint dropped")
+    })
+    .await;
+    let mut e = e;
+    e.restart();
+    wait_for("the restarted engine to be ready", || async {
+        (e.get("/readyz").await.status() == 200).then_some(())
+    })
+    .await;
+    assert!(
+        e.log.find("re-checking push hints").is_none(),
+        "{}",
+        e.log.text()
+    );
 }
 
 /// A push re-check reads the manifest once: the GET that finds the new digest also feeds the
