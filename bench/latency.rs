@@ -436,7 +436,7 @@ async fn push(internal: bool, everything: bool, details: bool) {
     let log = e.log.text();
     if trace {
         let lines: Vec<&str> = log.lines().collect();
-        for l in &lines[lines.len().saturating_sub(18)..] {
+        for l in &lines[lines.len().saturating_sub(60)..] {
             println!("    | {}", &l[..l.len().min(220)]);
         }
         let reg_log = reg.log.text();

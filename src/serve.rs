@@ -69,6 +69,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         rx.spec_changes,
     );
     let triggers = Triggers::new(engine.clone(), &config.triggers, config.delivery.clone());
+    // Before the planner's start-up pass (below), so every change is fired by one of them.
+    let sink: Arc<dyn crate::core::FireSink> = triggers.clone();
+    engine.set_fire_sink(Arc::downgrade(&sink));
     let ready = Arc::new(AtomicBool::new(false));
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

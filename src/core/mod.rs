@@ -20,7 +20,7 @@ use crate::model::{
     StreamName, StreamTagRef, TagFrom, TagSpec,
 };
 use crate::registry::{Options, RegistryClient, RegistryError, Resolved};
-use crate::store::{Commit, Scope, Store, StoreError, TagWrite};
+use crate::store::{Commit, FireOutcome, FireRequest, Loaded, Scope, Store, StoreError, TagWrite};
 
 /// Errors of the API operations. Import failures are not errors: they are outcomes recorded on
 /// the tag. `BadRequest` is the caller's fault (HTTP 400), `NotFound` 404, `Conflict` 409.
@@ -130,19 +130,24 @@ pub struct Engine {
     tracking: std::sync::Mutex<Option<PushIndex>>,
     /// Set when replicas share a JetStream store: decides which tags this replica polls.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The triggers, when the store fires them in the change's own transaction.
+    fire_sink: std::sync::OnceLock<std::sync::Weak<dyn FireSink>>,
+}
+
+/// The triggers as the write path sees them. On a store that applies the firing rule in the
+/// change's transaction (SQLite), a change of a watched tag fires there: in commit order,
+/// with no planner round trip. The planner stays for start-up, JetStream and replicas.
+pub trait FireSink: Send + Sync {
+    /// What to fire for a committed `tag.changed` event (nothing when no trigger watches it).
+    fn requests(&self, changed: &Event) -> Vec<FireRequest>;
+    /// What the commit did with them.
+    fn fired(&self, reqs: &[FireRequest], outcomes: &[FireOutcome]);
 }
 
 /// A repository's tags, and when the listing finished.
 type Listing = (std::time::Instant, Result<Vec<String>, RegistryError>);
 
 /// What a policy check decided.
-/// What `explain` knows of the tag's current image before the change: read by the caller
-/// already (the push and policy paths hold it), or to be read.
-enum Before {
-    Unread,
-    Read(Option<Box<HistoryEntry>>),
-}
-
 enum PolicyChoice {
     /// Move to this repository tag's image.
     Move(String, ImageRef, Box<Resolved>),
@@ -326,6 +331,7 @@ impl Engine {
                 spec_changes: sc_tx,
                 tracking: std::sync::Mutex::new(None),
                 cluster,
+                fire_sink: std::sync::OnceLock::new(),
             }),
             EngineReceivers {
                 changed_tags: ct_rx,
@@ -336,6 +342,12 @@ impl Engine {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Lets changes fire `sink`'s triggers as they commit (see `FireSink`); set before the
+    /// planner's start-up pass, so no change falls between the two.
+    pub fn set_fire_sink(&self, sink: std::sync::Weak<dyn FireSink>) {
+        let _ = self.fire_sink.set(sink);
     }
 
     pub fn registry(&self) -> &RegistryClient {
@@ -396,9 +408,29 @@ impl Engine {
     where
         F: Fn(&mut ImageStream) -> Result<(), CoreError>,
     {
+        self.mutate_from(name, create, scope, None, f).await
+    }
+
+    /// `mutate`, its first try on `first`: the stream as the caller loaded it with `scope`
+    /// (a stale one fails the compare-and-set and is loaded again).
+    async fn mutate_from<F>(
+        &self,
+        name: &StreamName,
+        create: bool,
+        scope: Scope,
+        mut first: Option<Loaded>,
+        f: F,
+    ) -> Result<ImageStream, CoreError>
+    where
+        F: Fn(&mut ImageStream) -> Result<(), CoreError>,
+    {
         let mut tries = crate::retry::CasLoop::new(20);
         while tries.next().await {
-            let (before, rev, tag_revs) = match self.store.load(&name.key(), scope.clone()).await? {
+            let loaded = match first.take() {
+                Some(l) => Some(l),
+                None => self.store.load(&name.key(), scope.clone()).await?,
+            };
+            let (before, rev, tag_revs) = match loaded {
                 Some(l) => (Some(l.doc), Some(l.rev), l.tag_revs),
                 None if create => (None, None, BTreeMap::new()),
                 None => {
@@ -431,12 +463,32 @@ impl Engine {
                 doc: Some(after.clone()),
                 events: events.clone(),
             };
-            match self.store.commit(commit).await {
-                Ok(_) => {
+            let sink = self
+                .fire_sink
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .filter(|_| self.store.fires_in_commit());
+            let fire: Vec<FireRequest> = sink.as_ref().map_or_else(Vec::new, |s| {
+                events
+                    .iter()
+                    .filter(|e| e.kind == TAG_CHANGED)
+                    .flat_map(|e| s.requests(e))
+                    .collect()
+            });
+            let now_ms = Utc::now().timestamp_millis();
+            match self.store.commit_firing(commit, fire, now_ms).await {
+                Ok((_, fired)) => {
                     if specs_changed {
                         self.index_stream(Some(&after));
                     }
-                    self.announce(&name.key(), events, specs_changed);
+                    let fired_here = match (&sink, fired) {
+                        (Some(s), Some((reqs, outcomes))) => {
+                            s.fired(&reqs, &outcomes);
+                            true
+                        }
+                        _ => false,
+                    };
+                    self.announce(&name.key(), events, specs_changed, fired_here);
                     return Ok(after);
                 }
                 Err(StoreError::Conflict(_)) => continue,
@@ -515,9 +567,10 @@ impl Engine {
             .unwrap_or_default())
     }
 
-    fn announce(&self, stream_key: &str, events: Vec<Event>, specs_changed: bool) {
+    /// `fired`: the change's transaction fired its triggers; the planner has nothing to do.
+    fn announce(&self, stream_key: &str, events: Vec<Event>, specs_changed: bool, fired: bool) {
         for e in &events {
-            if e.kind == TAG_CHANGED {
+            if e.kind == TAG_CHANGED && !fired {
                 let _ = self.changed_tags.send(e.subject.clone());
             }
             tracing::info!(
@@ -674,12 +727,13 @@ impl Engine {
         };
         let policy = crate::policy::Policy::compile(ps)
             .map_err(|(k, e)| CoreError::BadRequest(format!("policy {k}: {e}")))?;
-        let current = self
+        let loaded = self
             .store
             .load(&tag.stream.key(), Scope::Tags(vec![tag.tag.clone()]))
-            .await?
+            .await?;
+        let current = loaded
+            .as_ref()
             .and_then(|l| l.doc.tags.get(&tag.tag).cloned());
-        let current_image = current.as_ref().and_then(|c| c.current().cloned());
         // The choice so far counts only under the same policy.
         let same_policy = current.as_ref().is_some_and(|c| c.spec.from == spec.from);
         let cur_source = current
@@ -756,57 +810,57 @@ impl Engine {
             Ok(PolicyChoice::Move(_, r, res)) => {
                 let image_spec = TagSpec::new(TagFrom::Image(r.to_string()));
                 let res = Ok((r.clone(), (**res).clone()));
-                self.explain(
-                    tag,
-                    &image_spec,
-                    &res,
-                    Before::Read(current_image.map(Box::new)),
-                )
-                .await
+                self.explain(tag, &image_spec, &res, loaded.as_ref()).await
             }
             _ => None,
         };
         let stream = self
-            .mutate(&tag.stream, true, Scope::Tags(vec![tag.tag.clone()]), |s| {
-                if set_spec {
-                    s.set_spec(&tag.tag, spec.clone());
-                }
-                let generation = s.generation;
-                let Some(t) = s.tags.get_mut(&tag.tag) else {
-                    return Ok(());
-                };
-                if &t.spec != spec {
-                    return Ok(()); // re-specced meanwhile: this answer is stale
-                }
-                t.seen = seen.clone();
-                match &decided {
-                    Ok(PolicyChoice::Move(source, r, res)) => {
-                        let changed = t.record(HistoryEntry {
-                            digest: res.digest.clone(),
-                            image: r.pull_spec(&res.digest),
-                            created: now,
-                            generation: t.spec_generation,
-                            cause,
-                            id: new_id(),
-                            media_type: res.media_type.clone(),
-                            platforms: res.platforms.clone(),
-                            details: details.clone(),
-                            source_tag: Some(source.clone()),
-                        });
-                        if !changed {
+            .mutate_from(
+                &tag.stream,
+                true,
+                Scope::Tags(vec![tag.tag.clone()]),
+                loaded,
+                |s| {
+                    if set_spec {
+                        s.set_spec(&tag.tag, spec.clone());
+                    }
+                    let generation = s.generation;
+                    let Some(t) = s.tags.get_mut(&tag.tag) else {
+                        return Ok(());
+                    };
+                    if &t.spec != spec {
+                        return Ok(()); // re-specced meanwhile: this answer is stale
+                    }
+                    t.seen = seen.clone();
+                    match &decided {
+                        Ok(PolicyChoice::Move(source, r, res)) => {
+                            let changed = t.record(HistoryEntry {
+                                digest: res.digest.clone(),
+                                image: r.pull_spec(&res.digest),
+                                created: now,
+                                generation: t.spec_generation,
+                                cause,
+                                id: new_id(),
+                                media_type: res.media_type.clone(),
+                                platforms: res.platforms.clone(),
+                                details: details.clone(),
+                                source_tag: Some(source.clone()),
+                            });
+                            if !changed {
+                                t.succeed();
+                            }
+                            t.source_tag = Some(source.clone());
+                        }
+                        Ok(PolicyChoice::Keep) => {
                             t.succeed();
                         }
-                        t.source_tag = Some(source.clone());
+                        Err(e) => {
+                            t.fail(e.reason(), &e.to_string(), now, generation);
+                        }
                     }
-                    Ok(PolicyChoice::Keep) => {
-                        t.succeed();
-                    }
-                    Err(e) => {
-                        t.fail(e.reason(), &e.to_string(), now, generation);
-                    }
-                }
-                Ok(())
-            })
+                    Ok(())
+                },
+            )
             .await?;
         Ok((stream, err))
     }
@@ -819,16 +873,17 @@ impl Engine {
         tag: &StreamTagRef,
         spec: &TagSpec,
         result: &Result<(ImageRef, Resolved), RegistryError>,
-        before: Before,
+        loaded: Option<&Loaded>,
     ) -> Option<Details> {
         const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
         let Ok((r, res)) = result else { return None };
         if res.unchanged || !self.registry.fetch_details(&r.registry) {
             return None;
         }
-        let previous = match before {
-            Before::Read(current) => current.map(|c| *c),
-            Before::Unread => self
+        let previous = match loaded {
+            // The caller's read of the tag: not read again.
+            Some(l) => l.doc.tags.get(&tag.tag).and_then(|t| t.current().cloned()),
+            None => self
                 .store
                 .load(&tag.stream.key(), Scope::Tags(vec![tag.tag.clone()]))
                 .await
@@ -920,11 +975,11 @@ impl Engine {
         cause: Cause,
         create: bool,
     ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
-        self.record_result(tag, spec, result, cause, create, Before::Unread)
+        self.record_result(tag, spec, result, cause, create, None)
             .await
     }
 
-    /// `record_import`, with what the caller already read of the tag's current image.
+    /// `record_import`, on the stream as the caller loaded it for the tag (if it did).
     async fn record_result(
         &self,
         tag: &StreamTagRef,
@@ -932,15 +987,16 @@ impl Engine {
         result: Result<(ImageRef, Resolved), RegistryError>,
         cause: Cause,
         create: bool,
-        before: Before,
+        loaded: Option<Loaded>,
     ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
         let err = result.as_ref().err().cloned();
-        let details = self.explain(tag, spec, &result, before).await;
+        let details = self.explain(tag, spec, &result, loaded.as_ref()).await;
         let stream = self
-            .mutate(
+            .mutate_from(
                 &tag.stream,
                 create,
                 Scope::Tags(vec![tag.tag.clone()]),
+                loaded,
                 |s| {
                     apply_result(s, &tag.tag, spec, &result, cause, details.as_ref());
                     Ok(())
@@ -1038,7 +1094,7 @@ impl Engine {
         // `tag` commands for one tag are then each recorded, in the order they commit.
         let result = self.resolve(&spec, None).await;
         let err = result.as_ref().err().cloned();
-        let details = self.explain(tag, &spec, &result, Before::Unread).await;
+        let details = self.explain(tag, &spec, &result, None).await;
         self.mutate(&tag.stream, true, Scope::Tags(vec![tag.tag.clone()]), |s| {
             s.set_spec(&tag.tag, spec.clone());
             apply_result(s, &tag.tag, &spec, &result, cause, details.as_ref());
@@ -1359,7 +1415,7 @@ impl Engine {
                 .await
             {
                 Ok(_) => {
-                    self.announce(&name.key(), events, true);
+                    self.announce(&name.key(), events, true, false);
                     return Ok(());
                 }
                 Err(StoreError::Conflict(_)) => continue,
@@ -1471,8 +1527,7 @@ impl Engine {
         tag: &str,
         create_in: Option<StreamTagRef>,
     ) -> Result<Vec<(StreamTagRef, Option<Digest>)>, CoreError> {
-        let mut targets: Vec<(StreamTagRef, TagSpec, Option<HistoryEntry>)> = Vec::new();
-        let mut streams = Vec::new();
+        let mut targets: Vec<(StreamTagRef, TagSpec, Loaded)> = Vec::new();
         let wanted = format!("{registry}/{repository}:{tag}");
         // Policy tags of the repository re-evaluate on any push to it.
         let mut done = Vec::new();
@@ -1506,27 +1561,27 @@ impl Engine {
             }
         }
         for (key, name) in self.tags_tracking(&wanted, tag.is_empty()).await? {
-            if let Some(l) = self.store.load(&key, Scope::Tags(vec![name])).await? {
-                streams.push(l.doc);
+            let Some(l) = self
+                .store
+                .load(&key, Scope::Tags(vec![name.clone()]))
+                .await?
+            else {
+                continue;
+            };
+            // The index may hold stale extras: the tag must track this image still.
+            if let Some(t) = l.doc.tags.get(&name)
+                && let TagFrom::Image(r) = &t.spec.from
+                && let Ok(r) = ImageRef::parse(r)
+                && r.registry == registry
+                && r.repository == repository
+                && r.digest.is_none()
+                && (tag.is_empty() || r.tag.as_deref() == Some(tag))
+            {
+                let st = StreamTagRef::new(StreamName::new(&l.doc.namespace, &l.doc.name)?, &name)?;
+                targets.push((st, t.spec.clone(), l));
             }
         }
-        for s in streams {
-            for (name, t) in &s.tags {
-                if let TagFrom::Image(r) = &t.spec.from
-                    && let Ok(r) = ImageRef::parse(r)
-                    && r.registry == registry
-                    && r.repository == repository
-                    && r.digest.is_none()
-                    && (tag.is_empty() || r.tag.as_deref() == Some(tag))
-                {
-                    targets.push((
-                        StreamTagRef::new(StreamName::new(&s.namespace, &s.name)?, name)?,
-                        t.spec.clone(),
-                        t.current().cloned(),
-                    ));
-                }
-            }
-        }
+        // The loaded stream goes with its tag: the change starts from it (no second read).
         targets.sort_by(|a, b| a.0.cmp(&b.0));
         targets.dedup_by(|a, b| a.0 == b.0);
         if targets.is_empty()
@@ -1538,7 +1593,7 @@ impl Engine {
             let result = self.resolve_with(&spec, None, true).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             if result.is_ok() {
-                let details = self.explain(&dest, &spec, &result, Before::Unread).await;
+                let details = self.explain(&dest, &spec, &result, None).await;
                 self.mutate(
                     &dest.stream,
                     true,
@@ -1563,20 +1618,12 @@ impl Engine {
             done.push((dest, seen));
             return Ok(done);
         }
-        for (t, spec, current) in targets {
+        for (t, spec, loaded) in targets {
             let result = self.resolve_with(&spec, None, true).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             if result.is_ok() {
-                // The tag as read just now: its details are compared without reading it again.
-                self.record_result(
-                    &t,
-                    &spec,
-                    result,
-                    Cause::Push,
-                    false,
-                    Before::Read(current.map(Box::new)),
-                )
-                .await?;
+                self.record_result(&t, &spec, result, Cause::Push, false, Some(loaded))
+                    .await?;
             }
             done.push((t, seen));
         }

@@ -201,6 +201,7 @@ pub async fn behaviour(store: Store) {
     assert_eq!((sum.pending, sum.superseded), (1, 1));
     per_tag_changes(&store).await;
     big_changes(&store).await;
+    firing_commits(&store).await;
     // push hints: recorded (a repeat replaces), listed, dropped
     let hint = |tag: &str| Hint {
         registry: "r.example".into(),
@@ -516,4 +517,54 @@ pub async fn unapplied_writes_roll_forward(first: Store, second: Store) {
     assert_eq!(full.tags["a"].history, vec![entry(4), entry(2), entry(1)]);
     assert_eq!(full.tags["b"].history, vec![entry(3)]);
     n.stop_after_head_write(false);
+}
+
+/// A change that fires its triggers in its own transaction (SQLite) fires exactly when it
+/// commits: a change that conflicts fires nothing. JetStream commits the change alone.
+async fn firing_commits(store: &Store) {
+    let req = |d: &str| FireRequest {
+        trigger: "cf".into(),
+        tag: "default/f:a".into(),
+        event: event("a", d),
+        skip_initial: false,
+    };
+    let commit = |expected_rev| Commit {
+        key: "default/f".into(),
+        expected_rev,
+        doc: Some(ImageStream::new("default", "f", Utc::now())),
+        events: vec![],
+        ..Default::default()
+    };
+    let (rev, fired) = store
+        .commit_firing(commit(None), vec![req("d1")], 0)
+        .await
+        .unwrap();
+    if !store.fires_in_commit() {
+        assert!(fired.is_none());
+        assert_eq!(store.last_fired("cf", "default/f:a").await.unwrap(), None);
+        return;
+    }
+    let (reqs, outcomes) = fired.unwrap();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(outcomes, vec![FireOutcome::Fired]);
+    let stale = store
+        .commit_firing(commit(Some(rev + 7)), vec![req("d2")], 0)
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))));
+    assert_eq!(
+        store
+            .last_fired("cf", "default/f:a")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("d1"),
+        "a conflicting change fires nothing"
+    );
+    let (_, again) = store
+        .commit_firing(commit(Some(rev)), vec![req("d1")], 0)
+        .await
+        .unwrap();
+    assert_eq!(again.unwrap().1, vec![FireOutcome::Unchanged]);
+    let due = store.claim_due(1, 10).await.unwrap();
+    assert!(due.iter().any(|d| d.trigger == "cf" && d.digest == "d1"));
 }

@@ -357,6 +357,35 @@ impl Store {
         blocking!(self, s => s.commit(&commit), n => n.commit(&commit))
     }
 
+    /// Whether `commit_firing` applies the firing rule in the change's transaction.
+    pub fn fires_in_commit(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+
+    /// `commit`, and where the store can (`fires_in_commit`: SQLite) the firing rule applied
+    /// to `fire` in the same transaction: then the outcomes, with the requests given back.
+    /// JetStream commits the change alone (None); its planner fires.
+    #[allow(clippy::type_complexity)]
+    pub async fn commit_firing(
+        &self,
+        commit: Commit,
+        fire: Vec<FireRequest>,
+        now_ms: i64,
+    ) -> Result<(i64, Option<(Vec<FireRequest>, Vec<FireOutcome>)>), StoreError> {
+        match self {
+            Store::Sqlite(inner) => {
+                let s = inner.clone();
+                tokio::task::spawn_blocking(move || {
+                    s.commit_firing(&commit, &fire, now_ms)
+                        .map(|(rev, outcomes)| (rev, Some((fire, outcomes))))
+                })
+                .await
+                .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+            }
+            Store::Nats(n) => n.commit(&commit).await.map(|rev| (rev, None)),
+        }
+    }
+
     /// Attaches the publisher: from now on each change's events are handed to the returned
     /// receiver as they are committed (see `Handoff`), and `wake` is notified when a drain
     /// of the outbox is needed instead.

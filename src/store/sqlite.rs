@@ -538,6 +538,17 @@ impl SqliteStore {
     }
 
     pub fn commit(&self, commit: &Commit) -> Result<i64, StoreError> {
+        self.commit_firing(commit, &[], 0).map(|(rev, _)| rev)
+    }
+
+    /// `commit`, with the firing rule applied to `fire` in the same transaction: a trigger
+    /// fires for the change exactly when the change is committed, in commit order.
+    pub fn commit_firing(
+        &self,
+        commit: &Commit,
+        fire: &[FireRequest],
+        now_ms: i64,
+    ) -> Result<(i64, Vec<FireOutcome>), StoreError> {
         let mut c = self.conn();
         let tx = c.transaction().map_err(db_err)?;
         let key = commit.key.as_str();
@@ -632,6 +643,7 @@ impl SqliteStore {
                 .map_err(db_err)?;
             seqs.push(tx.last_insert_rowid());
         }
+        let fired = fire_in(&tx, fire, now_ms)?;
         tx.commit().map_err(db_err)?;
         // Still holding the connection: handed over in commit order.
         if !seqs.is_empty() {
@@ -641,7 +653,7 @@ impl SqliteStore {
                     .collect()
             });
         }
-        Ok(rev)
+        Ok((rev, fired))
     }
 
     pub fn pending_events(&self, limit: usize) -> Result<Vec<(i64, Event)>, StoreError> {
@@ -711,63 +723,7 @@ impl SqliteStore {
     ) -> Result<Vec<FireOutcome>, StoreError> {
         let mut c = self.conn();
         let tx = c.transaction().map_err(db_err)?;
-        let mut out = Vec::with_capacity(reqs.len());
-        let fired_at = chrono::Utc::now().to_rfc3339();
-        for r in reqs {
-            let digest = r.event.data.digest.clone().unwrap_or_default();
-            let last: Option<String> = tx
-                .query_row(
-                    "SELECT digest FROM trigger_state WHERE trigger = ?1 AND tag = ?2",
-                    [&r.trigger, &r.tag],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(db_err)?;
-            let outcome = rules::fire(last.as_deref(), &digest, r.skip_initial);
-            if outcome == FireOutcome::Unchanged {
-                out.push(outcome);
-                continue;
-            }
-            tx.execute(
-                "INSERT INTO trigger_state(trigger, tag, digest, fired_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(trigger, tag) DO UPDATE SET digest = ?3, fired_at = ?4",
-                params![r.trigger, r.tag, digest, fired_at],
-            )
-            .map_err(db_err)?;
-            if outcome == FireOutcome::Recorded {
-                out.push(outcome);
-                continue;
-            }
-            let waiting: Vec<(i64, String)> = {
-                let mut st = tx
-                    .prepare_cached(
-                        "SELECT id, state FROM deliveries WHERE trigger = ?1 AND tag = ?2
-                         AND state IN ('pending', 'inflight')",
-                    )
-                    .map_err(db_err)?;
-                st.query_map([&r.trigger, &r.tag], |row| Ok((row.get(0)?, row.get(1)?)))
-                    .map_err(db_err)?
-                    .collect::<Result<_, _>>()
-                    .map_err(db_err)?
-            };
-            for (id, state) in waiting {
-                if let Some(note) = rules::supersede(parse_state(&state)?, &digest) {
-                    tx.execute(
-                        "UPDATE deliveries SET state = 'superseded', updated = ?2, last_error = ?3 WHERE id = ?1",
-                        params![id, now_ms, note],
-                    )
-                    .map_err(db_err)?;
-                }
-            }
-            let json = serde_json::to_string(&r.event).map_err(json_err)?;
-            tx.execute(
-                "INSERT INTO deliveries(trigger, tag, digest, event, state, attempts, next_at, created, updated)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
-                params![r.trigger, r.tag, digest, json, now_ms],
-            )
-            .map_err(db_err)?;
-            out.push(FireOutcome::Fired);
-        }
+        let out = fire_in(&tx, reqs, now_ms)?;
         tx.commit().map_err(db_err)?;
         Ok(out)
     }
@@ -1057,4 +1013,70 @@ fn trim_history(tx: &Connection, stream: &str, tag: &str, max: usize) -> Result<
     .and_then(|mut st| st.execute(params![stream, tag, max as i64]))
     .map_err(db_err)?;
     Ok(())
+}
+
+/// The firing rule for each request, in `tx` (see `SqliteStore::fire_due`).
+fn fire_in(
+    tx: &rusqlite::Transaction,
+    reqs: &[FireRequest],
+    now_ms: i64,
+) -> Result<Vec<FireOutcome>, StoreError> {
+    let mut out = Vec::with_capacity(reqs.len());
+    let fired_at = chrono::Utc::now().to_rfc3339();
+    for r in reqs {
+        let digest = r.event.data.digest.clone().unwrap_or_default();
+        let last: Option<String> = tx
+            .query_row(
+                "SELECT digest FROM trigger_state WHERE trigger = ?1 AND tag = ?2",
+                [&r.trigger, &r.tag],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
+        let outcome = rules::fire(last.as_deref(), &digest, r.skip_initial);
+        if outcome == FireOutcome::Unchanged {
+            out.push(outcome);
+            continue;
+        }
+        tx.execute(
+            "INSERT INTO trigger_state(trigger, tag, digest, fired_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(trigger, tag) DO UPDATE SET digest = ?3, fired_at = ?4",
+            params![r.trigger, r.tag, digest, fired_at],
+        )
+        .map_err(db_err)?;
+        if outcome == FireOutcome::Recorded {
+            out.push(outcome);
+            continue;
+        }
+        let waiting: Vec<(i64, String)> = {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT id, state FROM deliveries WHERE trigger = ?1 AND tag = ?2
+                     AND state IN ('pending', 'inflight')",
+                )
+                .map_err(db_err)?;
+            st.query_map([&r.trigger, &r.tag], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(db_err)?
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?
+        };
+        for (id, state) in waiting {
+            if let Some(note) = rules::supersede(parse_state(&state)?, &digest) {
+                tx.execute(
+                    "UPDATE deliveries SET state = 'superseded', updated = ?2, last_error = ?3 WHERE id = ?1",
+                    params![id, now_ms, note],
+                )
+                .map_err(db_err)?;
+            }
+        }
+        let json = serde_json::to_string(&r.event).map_err(json_err)?;
+        tx.execute(
+            "INSERT INTO deliveries(trigger, tag, digest, event, state, attempts, next_at, created, updated)
+             VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
+            params![r.trigger, r.tag, digest, json, now_ms],
+        )
+        .map_err(db_err)?;
+        out.push(FireOutcome::Fired);
+    }
+    Ok(out)
 }

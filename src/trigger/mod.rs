@@ -97,6 +97,29 @@ pub fn current_event(engine: &Engine, s: &ImageStream, tag: &str) -> Option<Even
     })
 }
 
+/// The firing rule applied by the change's own transaction (see `crate::core::FireSink`):
+/// the same requests the planner would make for the tag's new current image.
+impl crate::core::FireSink for Triggers {
+    fn requests(&self, changed: &Event) -> Vec<FireRequest> {
+        let Some(watching) = self.watchers.get(&changed.subject) else {
+            return Vec::new();
+        };
+        watching
+            .iter()
+            .map(|t| FireRequest {
+                trigger: t.name.clone(),
+                tag: changed.subject.clone(),
+                event: changed.clone(),
+                skip_initial: t.skip_initial,
+            })
+            .collect()
+    }
+
+    fn fired(&self, reqs: &[FireRequest], outcomes: &[FireOutcome]) {
+        self.report(reqs, outcomes);
+    }
+}
+
 impl Triggers {
     pub fn new(
         engine: Arc<Engine>,
@@ -187,29 +210,32 @@ impl Triggers {
         }
         for chunk in reqs.chunks(512) {
             match self.engine.store().fire_due(chunk.to_vec(), now_ms()).await {
-                Ok(outcomes) => {
-                    let mut fired = false;
-                    for (r, o) in chunk.iter().zip(outcomes) {
-                        let digest = r.event.data.digest.as_deref().unwrap_or("");
-                        match o {
-                            FireOutcome::Fired => {
-                                fired = true;
-                                tracing::info!(trigger = %r.trigger, tag = %r.tag, digest, "trigger fired");
-                            }
-                            FireOutcome::Recorded => {
-                                tracing::info!(trigger = %r.trigger, tag = %r.tag, digest, "first image recorded without firing (skip_initial)");
-                            }
-                            FireOutcome::Unchanged => {}
-                        }
-                    }
-                    if fired {
-                        self.wake.notify_one();
-                    }
-                }
+                Ok(outcomes) => self.report(chunk, &outcomes),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot plan triggers; the next change or restart plans them again")
                 }
             }
+        }
+    }
+
+    /// Logs what firing did and wakes the deliverer when a delivery was queued.
+    fn report(&self, reqs: &[FireRequest], outcomes: &[FireOutcome]) {
+        let mut fired = false;
+        for (r, o) in reqs.iter().zip(outcomes) {
+            let digest = r.event.data.digest.as_deref().unwrap_or("");
+            match o {
+                FireOutcome::Fired => {
+                    fired = true;
+                    tracing::info!(trigger = %r.trigger, tag = %r.tag, digest, "trigger fired");
+                }
+                FireOutcome::Recorded => {
+                    tracing::info!(trigger = %r.trigger, tag = %r.tag, digest, "first image recorded without firing (skip_initial)");
+                }
+                FireOutcome::Unchanged => {}
+            }
+        }
+        if fired {
+            self.wake.notify_one();
         }
     }
 
