@@ -371,6 +371,8 @@ async fn push(internal: bool, everything: bool, details: bool) {
     }
     let (mut total, mut notify, mut whole, mut put) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The slowest push (PUT -> trigger) and when its PUT started, to show what happened then.
+    let mut slowest: Option<(Duration, chrono::DateTime<chrono::Utc>, usize)> = None;
     let trace = std::env::var("ISTREAM_BENCH_TRACE").is_ok();
     let pushes: usize = std::env::var("ISTREAM_BENCH_PUSHES")
         .ok()
@@ -406,7 +408,11 @@ async fn push(internal: bool, everything: bool, details: bool) {
                 got_notify = Some(t0.elapsed());
             }
             if rx.len() > r_before {
-                total.push(t0.elapsed());
+                let took = t0.elapsed();
+                if slowest.is_none_or(|(d, _, _)| took > d) {
+                    slowest = Some((took, wall, i));
+                }
+                total.push(took);
                 whole.push(started.elapsed());
                 break;
             }
@@ -460,6 +466,19 @@ async fn push(internal: bool, everything: bool, details: bool) {
                 field("http.request.useragent="),
                 field("http.response.duration=")
             );
+        }
+    }
+    if trace && let Some((took, at, i)) = slowest {
+        // Everything the engine logged while the slowest push was under way.
+        let until = at + chrono::Duration::from_std(took).unwrap_or_default();
+        println!("    slowest: push {i}, {took:?} from its PUT at {at:?}");
+        for l in log.lines().filter(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| t >= at && t <= until)
+        }) {
+            println!("    S {}", &l[..l.len().min(220)]);
         }
     }
     let failed = log.matches("import.failed").count() + log.matches("ImportSuccess=False").count();

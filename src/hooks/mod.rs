@@ -212,6 +212,19 @@ impl HookState {
         let _ = self.writer(store).send(HintOp::Drop(key));
     }
 
+    /// Whether a notification that came during the running re-check of `key` (for
+    /// `digest`) names another image: the tag moves on to that one, which the next run looks
+    /// for. A repeat, or one that names no image, does not end the looks for `digest`.
+    fn newer_waiting(&self, key: &str, digest: Option<&str>) -> bool {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.get(key).is_some_and(|(again, _)| {
+            again
+                .as_ref()
+                .and_then(|r| r.0.as_deref())
+                .is_some_and(|newer| Some(newer) != digest)
+        })
+    }
+
     fn already_confirmed(&self, key: &str, digest: Option<&str>) -> bool {
         let Some(d) = digest else { return false };
         let confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
@@ -586,17 +599,23 @@ async fn recheck(s: &AppState, p: &Push) -> Option<String> {
                         tags.iter()
                             .any(|(_, seen)| seen.as_ref().is_none_or(|d| d.as_str() != want))
                     });
-                if stale && attempt + 1 < LOOKS {
-                    tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, attempt, "the registry does not show the notified image yet; looking again");
-                    tokio::time::sleep(look_again.delay(attempt + 1)).await;
-                    continue;
-                }
                 let first = tags
                     .first()
                     .and_then(|(_, d)| d.as_ref().map(|d| d.to_string()));
                 let agreed = tags
                     .iter()
                     .all(|(_, d)| d.as_ref().map(|d| d.to_string()) == first);
+                if stale && attempt + 1 < LOOKS {
+                    // A newer notification for the tag waits for this run: its run looks for
+                    // its own image, so this one stops (what the registry showed is recorded).
+                    if s.hooks.newer_waiting(&hint_key(p), p.digest.as_deref()) {
+                        tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, attempt, "a newer notification for the tag supersedes this re-check");
+                        return if agreed { first } else { None };
+                    }
+                    tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, attempt, "the registry does not show the notified image yet; looking again");
+                    tokio::time::sleep(look_again.delay(attempt + 1)).await;
+                    continue;
+                }
                 for (t, seen) in tags {
                     match seen {
                         Some(d) => {

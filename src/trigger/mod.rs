@@ -2,7 +2,9 @@
 //! for is persisted; a tag whose current image differs fires once (a never-fired trigger fires
 //! for the current image, unless `skip_initial`); a newer image supersedes a still-pending
 //! delivery of an older one. The planner is level-triggered — it compares state, not events —
-//! so it can run again after any crash and do exactly what is missing. Deliveries live in the
+//! so it can run again after any crash and do exactly what is missing. On SQLite a change of a
+//! watched tag applies the same rule in its own transaction (`FireSink`), so the planner is
+//! asked only at start-up, on JetStream and for replicas' changes. Deliveries live in the
 //! store and are sent by the deliverer, at least once, with backoff and dead-lettering.
 
 pub mod sink;

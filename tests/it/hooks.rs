@@ -553,3 +553,64 @@ async fn a_push_recheck_reads_the_manifest_once() {
     assert!(line.contains("runs=1"), "{line}");
     assert_eq!(reg.manifest_requests() - before, 1);
 }
+
+/// A re-check still looking for the image its notification named (the registry shows
+/// another) stops when a notification for a newer image of the tag comes: the tag moves to
+/// the newer image at once, not after the ~2 s of looks for the superseded one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_push_ends_the_looks_for_a_superseded_one() {
+    let reg = Registry::start();
+    let push = Pusher::new(&reg.host);
+    push.image("team/moving", "latest", "1").await;
+    let e = Engine::start_env(
+        &format!(
+            "[hooks]\ntoken_env = \"T_HOOKS\"\n\n[[registry]]\nhost = \"{}\"\nfetch_details = false\n",
+            reg.host
+        ),
+        &[("T_HOOKS", TOKEN)],
+    );
+    e.import_new("moving", &format!("{}/team/moving", reg.host));
+    // The tag is at the third image already; the first notification names the second.
+    let d2 = push.image("team/moving", "latest", "2").await;
+    let d3 = push.image("team/moving", "latest", "3").await;
+    let note = |d: &str| {
+        serde_json::json!({"events": [{"action": "push", "target": {
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "repository": "team/moving", "tag": "latest", "digest": d,
+            "url": format!("http://{}/v2/team/moving/manifests/{d}", reg.host)}}]})
+        .to_string()
+    };
+    wait_for("the import's check in the registry's log", || async {
+        (reg.manifest_requests() > 0).then_some(())
+    })
+    .await;
+    let before = reg.manifest_requests();
+    let url = format!("{}/hooks/registry", e.url);
+    assert_eq!(post(&url, Some(TOKEN), &note(&d2)).await, 200);
+    wait_for(
+        "the re-check to look again for the second image",
+        || async { e.log.find("looking again") },
+    )
+    .await;
+    assert_eq!(post(&url, Some(TOKEN), &note(&d3)).await, 200);
+    wait_for("the newer notification to end the looks", || async {
+        e.log.find("supersedes this re-check")
+    })
+    .await;
+    wait_for("the tag at the third image", || async {
+        (e.istag("moving")?["digest"] == d3.as_str()).then_some(())
+    })
+    .await;
+    wait_for("the re-checks to end", || async {
+        e.log.find("push re-checks done")
+    })
+    .await;
+    assert!(
+        e.log.find("push re-check gave up").is_none(),
+        "{}",
+        e.log.text()
+    );
+    // Some looks, then one check for the newer image; not all 13 looks of ~2 s and a check.
+    let looks = reg.manifest_requests() - before;
+    assert!(looks < 13, "{looks} manifest requests");
+}
