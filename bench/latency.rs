@@ -480,6 +480,31 @@ async fn push(internal: bool, everything: bool, details: bool) {
         }) {
             println!("    S {}", &l[..l.len().min(220)]);
         }
+        // And the registry's requests from istream that finished meanwhile, with their times.
+        for l in reg.log.text().lines().filter(|l| {
+            l.contains("response completed")
+                && l.contains("useragent=istream")
+                && l.split("time=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .is_some_and(|t| t >= at && t <= until)
+        }) {
+            let field = |k: &str| {
+                l.split(k)
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            println!(
+                "    S registry {} {} {} took {}",
+                field("time=\""),
+                field("http.request.method="),
+                field("http.request.uri="),
+                field("http.response.duration=")
+            );
+        }
     }
     let failed = log.matches("import.failed").count() + log.matches("ImportSuccess=False").count();
     println!(
