@@ -451,21 +451,7 @@ async fn push(internal: bool, everything: bool, details: bool) {
             .filter(|l| l.contains("response completed"))
             .collect();
         for l in &lines[lines.len().saturating_sub(14)..] {
-            let field = |k: &str| {
-                l.split(k)
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .unwrap_or("")
-                    .to_string()
-            };
-            println!(
-                "    R {} {} {} {} took {}",
-                field("time=\""),
-                field("http.request.method="),
-                field("http.request.uri="),
-                field("http.request.useragent="),
-                field("http.response.duration=")
-            );
+            println!("    R {}", registry_request(l));
         }
     }
     if trace && let Some((took, at, i)) = slowest {
@@ -490,20 +476,7 @@ async fn push(internal: bool, everything: bool, details: bool) {
                     .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                     .is_some_and(|t| t >= at && t <= until)
         }) {
-            let field = |k: &str| {
-                l.split(k)
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .unwrap_or("")
-                    .to_string()
-            };
-            println!(
-                "    S registry {} {} {} took {}",
-                field("time=\""),
-                field("http.request.method="),
-                field("http.request.uri="),
-                field("http.response.duration=")
-            );
+            println!("    S registry {}", registry_request(l));
         }
     }
     let failed = log.matches("import.failed").count() + log.matches("ImportSuccess=False").count();
@@ -511,6 +484,24 @@ async fn push(internal: bool, everything: bool, details: bool) {
         "  failed imports logged: {failed}; re-checks that had to look again: {}",
         log.matches("looking again").count()
     );
+}
+
+/// A registry access-log line as "time method uri user-agent took duration".
+fn registry_request(l: &str) -> String {
+    let field = |k: &str| {
+        l.split(k)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("")
+    };
+    format!(
+        "{} {} {} {} took {}",
+        field("time=\""),
+        field("http.request.method="),
+        field("http.request.uri="),
+        field("http.request.useragent="),
+        field("http.response.duration=")
+    )
 }
 
 /// 100 POSTs of `body` to `url` at once, each on its own connection (as 100 registry

@@ -568,6 +568,27 @@ impl Engine {
     }
 
     /// `fired`: the change's transaction fired its triggers; the planner has nothing to do.
+    /// The tags the push index names for `reference` (see `tags_tracking`), each with its
+    /// stream loaded for a change of that tag; tags gone meanwhile are left out.
+    async fn load_tracking(
+        &self,
+        reference: &str,
+        any_tag: bool,
+    ) -> Result<Vec<(StreamTagRef, Loaded)>, CoreError> {
+        let mut out = Vec::new();
+        for (key, name) in self.tags_tracking(reference, any_tag).await? {
+            if let Some(l) = self
+                .store
+                .load(&key, Scope::Tags(vec![name.clone()]))
+                .await?
+            {
+                let st = StreamTagRef::new(StreamName::new(&l.doc.namespace, &l.doc.name)?, &name)?;
+                out.push((st, l));
+            }
+        }
+        Ok(out)
+    }
+
     fn announce(&self, stream_key: &str, events: Vec<Event>, specs_changed: bool, fired: bool) {
         for e in &events {
             if e.kind == TAG_CHANGED && !fired {
@@ -1531,45 +1552,30 @@ impl Engine {
         let wanted = format!("{registry}/{repository}:{tag}");
         // Policy tags of the repository re-evaluate on any push to it.
         let mut done = Vec::new();
-        for (key, name) in self
-            .tags_tracking(&format!("{registry}/{repository}:*"), false)
+        // The index may hold stale extras: each tag must still follow what was pushed.
+        for (st, l) in self
+            .load_tracking(&format!("{registry}/{repository}:*"), false)
             .await?
         {
-            let Some(l) = self
-                .store
-                .load(&key, Scope::Tags(vec![name.clone()]))
-                .await?
-            else {
-                continue;
-            };
-            if let Some(t) = l.doc.tags.get(&name)
+            if let Some(t) = l.doc.tags.get(&st.tag)
                 && let TagFrom::Policy(p) = &t.spec.from
                 && ImageRef::parse(&p.repository)
                     .is_ok_and(|r| r.registry == registry && r.repository == repository)
             {
-                let st = StreamTagRef::new(StreamName::new(&l.doc.namespace, &l.doc.name)?, &name)?;
                 let (stream, err) = self.check_policy(&st, &t.spec, Cause::Push, false).await?;
                 let seen = if err.is_some() {
                     None
                 } else {
                     stream
                         .tags
-                        .get(&name)
+                        .get(&st.tag)
                         .and_then(|t| t.current_digest().cloned())
                 };
                 done.push((st, seen));
             }
         }
-        for (key, name) in self.tags_tracking(&wanted, tag.is_empty()).await? {
-            let Some(l) = self
-                .store
-                .load(&key, Scope::Tags(vec![name.clone()]))
-                .await?
-            else {
-                continue;
-            };
-            // The index may hold stale extras: the tag must track this image still.
-            if let Some(t) = l.doc.tags.get(&name)
+        for (st, l) in self.load_tracking(&wanted, tag.is_empty()).await? {
+            if let Some(t) = l.doc.tags.get(&st.tag)
                 && let TagFrom::Image(r) = &t.spec.from
                 && let Ok(r) = ImageRef::parse(r)
                 && r.registry == registry
@@ -1577,7 +1583,6 @@ impl Engine {
                 && r.digest.is_none()
                 && (tag.is_empty() || r.tag.as_deref() == Some(tag))
             {
-                let st = StreamTagRef::new(StreamName::new(&l.doc.namespace, &l.doc.name)?, &name)?;
                 targets.push((st, t.spec.clone(), l));
             }
         }

@@ -128,7 +128,8 @@ enum HintOp {
 }
 
 /// The outcome of recording a notification's hints, once written: awaited by the request
-/// (its answer) and by the re-checks it started (a hint is dropped only after it is written).
+/// (its answer), and read by later notifications of a tag whose re-check it joined (with
+/// the hint written, they need not write one).
 type Written = tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>;
 
 async fn written(mut w: Written) -> Result<(), StoreError> {
