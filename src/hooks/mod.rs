@@ -614,7 +614,7 @@ async fn recheck(s: &AppState, p: &Push) -> Option<String> {
                         return if agreed { first } else { None };
                     }
                     tracing::debug!(registry = %p.registry, repository = %p.repository, tag = %p.tag, attempt, "the registry does not show the notified image yet; looking again");
-                    tokio::time::sleep(look_again.delay(attempt + 1)).await;
+                    look_after(look_again.delay(attempt + 1)).await;
                     continue;
                 }
                 for (t, seen) in tags {
@@ -637,6 +637,17 @@ async fn recheck(s: &AppState, p: &Push) -> Option<String> {
         }
     }
     None
+}
+
+/// Waits `d` before the next look. tokio's timer ticks in whole milliseconds, so a wait under
+/// two of them (the first looks, when a registry links the tag a millisecond after it
+/// notifies) sleeps on a blocking thread instead: 0.5 ms, not 1–2.
+async fn look_after(d: std::time::Duration) {
+    if d < std::time::Duration::from_millis(2) {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(d)).await;
+    } else {
+        tokio::time::sleep(d).await;
+    }
 }
 
 /// Where a push to an internal registry lands: `ns/name:tag` for `ns/.../name`, else
