@@ -214,7 +214,14 @@ async fn child(mode: &str, db: &str, store: &str, host: &str, n: usize, one_stre
                 };
                 let t0 = Instant::now();
                 engine
-                    .record_import(&tag, &spec, Ok((r.clone(), res)), Cause::Schedule, false)
+                    .record_import(
+                        &tag,
+                        &spec,
+                        Ok((r.clone(), res)),
+                        Cause::Schedule,
+                        false,
+                        None,
+                    )
                     .await
                     .unwrap();
                 if i >= 300 {

@@ -446,7 +446,7 @@ async fn check(
             };
         }
         engine
-            .record_import(&tag, &spec, result, Cause::Schedule, false)
+            .record_import(&tag, &spec, result, Cause::Schedule, false, None)
             .await
     };
     match recorded {

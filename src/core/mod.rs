@@ -988,20 +988,9 @@ impl Engine {
     }
 
     /// Records the result of resolving `tag`'s external image, unless its spec changed since.
+    /// `loaded`: the stream as the caller loaded it for this tag, if it did (it is not read
+    /// again for the details comparison, and the change starts from it).
     pub async fn record_import(
-        &self,
-        tag: &StreamTagRef,
-        spec: &TagSpec,
-        result: Result<(ImageRef, Resolved), RegistryError>,
-        cause: Cause,
-        create: bool,
-    ) -> Result<(ImageStream, Option<RegistryError>), CoreError> {
-        self.record_result(tag, spec, result, cause, create, None)
-            .await
-    }
-
-    /// `record_import`, on the stream as the caller loaded it for the tag (if it did).
-    async fn record_result(
         &self,
         tag: &StreamTagRef,
         spec: &TagSpec,
@@ -1155,7 +1144,7 @@ impl Engine {
                 let tr = StreamTagRef::new(tag.stream.clone(), name)?;
                 let result = self.resolve(&t.spec, None).await;
                 let (_, err) = self
-                    .record_import(&tr, &t.spec, result, Cause::Import, false)
+                    .record_import(&tr, &t.spec, result, Cause::Import, false, None)
                     .await?;
                 let o = Outcome {
                     tag: tr,
@@ -1524,7 +1513,7 @@ impl Engine {
                     self.check_policy(&tag, &spec, Cause::Import, false).await
                 } else {
                     let result = self.resolve(&spec, None).await;
-                    self.record_import(&tag, &spec, result, Cause::Import, false)
+                    self.record_import(&tag, &spec, result, Cause::Import, false, None)
                         .await
                 };
                 if let Err(e) = done {
@@ -1627,7 +1616,7 @@ impl Engine {
             let result = self.resolve_with(&spec, None, true).await;
             let seen = result.as_ref().ok().map(|(_, r)| r.digest.clone());
             if result.is_ok() {
-                self.record_result(&t, &spec, result, Cause::Push, false, Some(loaded))
+                self.record_import(&t, &spec, result, Cause::Push, false, Some(loaded))
                     .await?;
             }
             done.push((t, seen));

@@ -119,6 +119,7 @@ pub struct HookState {
     writer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HintOp>>,
 }
 
+/// What the hint writer is asked to do, in order.
 enum HintOp {
     Write(
         Vec<Hint>,
@@ -469,14 +470,14 @@ fn merge_rerun(pending: Option<Rerun>, digest: Option<&str>) -> Rerun {
 fn record_and_recheck(s: &AppState, pushes: Vec<Push>) -> Option<Written> {
     let hooks = &s.hooks;
     let mut running = hooks.running.lock().unwrap_or_else(|e| e.into_inner());
-    let (joined, new): (Vec<Push>, Vec<Push>) = pushes.into_iter().partition(|p| {
-        running
-            .get(&hint_key(p))
-            .is_some_and(|(_, writes)| writes.iter().any(|w| matches!(*w.borrow(), Some(Ok(())))))
-    });
-    for p in &joined {
-        if let Some((again, _)) = running.get_mut(&hint_key(p)) {
-            *again = Some(merge_rerun(again.take(), p.digest.as_deref()));
+    let mut new = Vec::new();
+    for p in pushes {
+        let key = hint_key(&p);
+        match running.get_mut(&key) {
+            Some((again, writes)) if writes.iter().any(|w| matches!(*w.borrow(), Some(Ok(())))) => {
+                *again = Some(merge_rerun(again.take(), p.digest.as_deref()));
+            }
+            _ => new.push((key, p)),
         }
     }
     if new.is_empty() {
@@ -484,10 +485,12 @@ fn record_and_recheck(s: &AppState, pushes: Vec<Push>) -> Option<Written> {
     }
     // Asked for under the lock that a finishing re-check drops its hint under: the writer
     // applies this write after any drop of a re-check this notification did not join.
-    let recorded = hooks.record(s.engine.store(), new.iter().map(hint_of).collect());
+    let recorded = hooks.record(
+        s.engine.store(),
+        new.iter().map(|(_, p)| hint_of(p)).collect(),
+    );
     let mut start = Vec::new();
-    for p in new {
-        let key = hint_key(&p);
+    for (key, p) in new {
         match running.get_mut(&key) {
             Some((again, writes)) => {
                 *again = Some(merge_rerun(again.take(), p.digest.as_deref()));
